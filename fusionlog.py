@@ -1,0 +1,734 @@
+"""FusionLog end to end: read logs, route, meta-train, distill, predict — and the command line.
+
+This file ties the paper's components together (Zhao et al., "FusionLog: Cross-System Log-based Anomaly
+Detection via Fusion of General and Proprietary Knowledge", arXiv 2511.05878, Fig. 2 / Sec. 3):
+
+    raw logs ──read_system──▶ Sessions (template ids per session)
+      router.py     training-free semantic router: general vs proprietary target sessions   (Sec. 3.2)
+      metamodel.py  small model meta-learned over the source systems (general knowledge)    (Sec. 3.3)
+      distill.py    LLM <-> small model collaborative distillation (proprietary knowledge)   (Sec. 3.4)
+    ──▶ one small model that labels every target session, no LLM at prediction time.
+
+It also holds the plumbing the algorithm modules stay free of: LogHub-style log reading and session
+grouping, label files, metrics, model files and the `fusionlog` CLI.
+
+Departures from the paper (see README for the full list):
+- The final labels of *all* target sessions (general and proprietary) come from the one distilled small
+  model, so `fusionlog predict` needs no LLM; the route is reported beside each label.
+- Templates come from a regex masker (router.mask), not a trained parser such as Drain.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import scipy.sparse as sp
+
+import distill
+import metamodel
+import router
+
+# ----------------------------------------------------------------------------------------------------
+# Reading logs: LogHub format strings, session grouping, labels
+
+
+@dataclass
+class SystemSpec:
+    """How to read one system's log into sessions (a LogHub-style description)."""
+    log_format: str  # e.g. "<Date> <Time> <Pid> <Level> <Component>: <Content>"; <Content> is required
+    session_regex: str | None = None  # sessions by id: a line belongs to every id it names (group 1 if any)
+    window: int = 0  # or fixed windows of this many records (when there is no id)...
+    step: int = 0  # ...moving by this many records (0 = window, i.e. non-overlapping)
+    label_field: str | None = None  # inline label field (BGL: "Label"); a session is anomalous if any line is
+    normal_value: str = "-"  # the inline label value that means normal
+
+
+# The LogHub systems (format strings from LogHub's parser benchmark; OpenStack as laid out in ../shared/data).
+PRESETS: dict[str, SystemSpec] = {
+    "HDFS": SystemSpec("<Date> <Time> <Pid> <Level> <Component>: <Content>", session_regex=r"(blk_-?\d+)"),
+    "BGL": SystemSpec("<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>",
+                      window=20, label_field="Label"),
+    "OpenStack": SystemSpec("<Level> <Component> <Content>", session_regex=r"\[instance: ([0-9a-f-]{36})\]"),
+    "Thunderbird": SystemSpec(r"<Label> <Timestamp> <Date> <User> <Month> <Day> <Time> <Location> <Component>(\[<PID>\])?: <Content>",
+                              window=20, label_field="Label"),
+    "Hadoop": SystemSpec(r"<Date> <Time> <Level> \[<Process>\] <Component>: <Content>",
+                         session_regex=r"(container_\d+_\d+_\d+_\d+)"),
+    "Spark": SystemSpec("<Date> <Time> <Level> <Component>: <Content>", window=20),
+    "Zookeeper": SystemSpec(r"<Date> <Time> - <Level>  \[<Node>:<Component>@<Id>\] - <Content>", window=20),
+}
+
+
+@dataclass
+class Sessions:
+    """One system's log as sessions: per session, the ids of its templates in line order."""
+    name: str
+    templates: list[str]  # distinct masked templates; index = template id
+    ids: list[str]  # session ids in order of first appearance
+    sequences: list[np.ndarray]  # per session, int64 template ids of its lines, in order
+    labels: np.ndarray | None = None  # per session 1 anomalous, 0 normal, -1 unknown; None = no labels
+    stats: dict = field(default_factory=dict)  # what reading saw: lines, unmatched, continuation, ...
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index) -> "Sessions":
+        """The sessions at `index` (templates are kept whole, so template ids stay valid)."""
+        index = np.asarray(index, dtype=np.int64)
+        labels = None if self.labels is None else self.labels[index]
+        return Sessions(self.name, self.templates, [self.ids[i] for i in index],
+                        [self.sequences[i] for i in index], labels, dict(self.stats))
+
+
+def compile_format(log_format: str) -> re.Pattern:
+    """Turn a LogHub format string into a regex with one named group per <Field> (LogHub's rule:
+    literal text between fields is regex, with runs of spaces matching any whitespace)."""
+    parts = re.split(r"(<[^<>]+>)", log_format)
+    names, pattern = [], ""
+    for part in parts:
+        if part.startswith("<") and part.endswith(">"):
+            name = part[1:-1]
+            if not name.isidentifier():
+                raise ValueError(f"log format {log_format!r}: field <{name}> is not a valid name")
+            if name in names:
+                raise ValueError(f"log format {log_format!r}: field <{name}> appears twice")
+            names.append(name)
+            pattern += f"(?P<{name}>.*?)"
+        else:
+            pattern += re.sub(" +", r"\\s+", part)
+    if "Content" not in names:
+        raise ValueError(f"log format {log_format!r}: it needs a <Content> field")
+    try:
+        return re.compile("^" + pattern + "$")
+    except re.error as e:
+        raise ValueError(f"log format {log_format!r}: not a valid pattern ({e})") from None
+
+
+def _open_text(path: str | os.PathLike) -> Iterable[str]:
+    """Lines of a text file, decoding bad bytes as U+FFFD; clear errors for what is not a readable file."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory, not a log file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p}: file is empty")
+    return open(p, encoding="utf-8", errors="replace", newline=None)
+
+
+def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "", progress: Callable | None = None) -> Sessions:
+    """Read a raw log into Sessions: parse each line with the format, mask its content into a template,
+    and add it to the session(s) its id regex names, or to fixed windows."""
+    line_re = compile_format(spec.log_format)
+    if spec.session_regex is None and spec.window <= 0:
+        raise ValueError(f"{path}: give a session regex or a window size > 0")
+    try:
+        id_re = re.compile(spec.session_regex) if spec.session_regex else None
+    except re.error as e:
+        raise ValueError(f"session regex {spec.session_regex!r}: not a valid regex ({e})") from None
+    if spec.label_field and spec.label_field not in line_re.groupindex:
+        raise ValueError(f"label field {spec.label_field!r} is not a field of the log format {spec.log_format!r}")
+
+    template_ids: dict[str, int] = {}  # the template dictionary, built once while reading
+    by_id: dict[str, list[int]] = {}  # session id -> template ids (dict keeps first-appearance order)
+    anomalous: set[str] = set()
+    records: list[tuple[int, bool]] = []  # window mode: (template id, anomalous) per record
+    stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0, replaced_chars=0)
+    first_line = None
+    prev_ids: list[str] = []
+    prev_anomalous = False
+    with _open_text(path) as f:
+        for stats["lines"], raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                stats["blank"] += 1
+                continue
+            if first_line is None:
+                first_line = line
+            if "\ufffd" in line:
+                stats["replaced_chars"] += line.count("\ufffd")
+            m = line_re.match(line)
+            if m is None:
+                # A line that matches no format continues the previous record (a traceback, say): it joins
+                # that record's session(s) as an event of its own, so multi-line faults stay visible.
+                if not records and not prev_ids:
+                    stats["unmatched"] += 1
+                    continue
+                stats["continuation"] += 1
+                content, is_anomalous = line, prev_anomalous
+                ids = prev_ids
+            else:
+                stats["records"] += 1
+                content = m.group("Content")
+                is_anomalous = bool(spec.label_field) and m.group(spec.label_field) != spec.normal_value
+                if id_re is not None:
+                    ids = list(dict.fromkeys(g if isinstance(g, str) else g[0] for g in id_re.findall(line)))
+                    if not ids:
+                        stats["unsessioned"] += 1
+                else:
+                    ids = []
+            template = router.mask(content)
+            tid = template_ids.setdefault(template, len(template_ids))
+            if id_re is None:
+                records.append((tid, is_anomalous))
+            for sid in ids:
+                by_id.setdefault(sid, []).append(tid)
+                if is_anomalous:
+                    anomalous.add(sid)
+            prev_ids, prev_anomalous = ids, is_anomalous
+            if progress and stats["lines"] % 200_000 == 0:
+                progress(f"{path}: {stats['lines']:,} lines read")
+    if stats["records"] == 0:
+        raise ValueError(f"{path}: the log format {spec.log_format!r} matches no line; first line: {first_line!r}")
+
+    if id_re is not None:
+        if not by_id:
+            raise ValueError(f"{path}: the session regex {spec.session_regex!r} matches no line")
+        ids = list(by_id)
+        sequences = [np.asarray(by_id[s], dtype=np.int64) for s in ids]
+        labels = np.array([s in anomalous for s in ids], dtype=np.int8) if spec.label_field else None
+    else:
+        step = spec.step or spec.window
+        n = len(records)
+        tids = np.fromiter((t for t, _ in records), dtype=np.int64, count=n)
+        flags = np.fromiter((a for _, a in records), dtype=bool, count=n)
+        starts = range(0, max(n - spec.window, 0) + 1, step)
+        ids = [f"records {s + 1}-{min(s + spec.window, n)}" for s in starts]
+        sequences = [tids[s:s + spec.window] for s in starts]
+        labels = np.array([flags[s:s + spec.window].any() for s in starts], dtype=np.int8) if spec.label_field else None
+    templates = list(template_ids)
+    return Sessions(name or Path(path).stem, templates, ids, sequences, labels, stats)
+
+
+_LABEL_VALUES = {"normal": 0, "0": 0, "anomaly": 1, "anomalous": 1, "abnormal": 1, "1": 1}
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """A label file `Id,Label` (LogHub: Normal/Anomaly, or 0/1) with a header row -> {id: 0|1}."""
+    labels: dict[str, int] = {}
+    with _open_text(path) as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None or len(header) < 2:
+            raise ValueError(f"{path}:1: expected a header row 'Id,Label'")
+        if header[1].strip().lower() in _LABEL_VALUES:
+            raise ValueError(f"{path}:1: no header row (expected 'Id,Label', got {','.join(header)!r})")
+        for lineno, row in enumerate(rows, 2):
+            if not row:
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{lineno}: expected 'id,label', got {','.join(row)!r}")
+            sid, value = row[0].strip(), row[1].strip().lower()
+            if value not in _LABEL_VALUES:
+                raise ValueError(f"{path}:{lineno}: unknown label {row[1]!r} (use Normal/Anomaly or 0/1)")
+            if labels.get(sid, _LABEL_VALUES[value]) != _LABEL_VALUES[value]:
+                raise ValueError(f"{path}:{lineno}: id {sid!r} is labeled both normal and anomalous")
+            labels[sid] = _LABEL_VALUES[value]
+    if not labels:
+        raise ValueError(f"{path}: no labels after the header")
+    return labels
+
+
+def attach_labels(sessions: Sessions, labels: dict[str, int]) -> Sessions:
+    """Set session labels from an id -> label map; sessions it does not name get -1 (unknown)."""
+    sessions.labels = np.array([labels.get(s, -1) for s in sessions.ids], dtype=np.int8)
+    sessions.stats["unlabeled_sessions"] = int((sessions.labels < 0).sum())
+    sessions.stats["label_ids_not_in_log"] = len(set(labels) - set(sessions.ids))
+    return sessions
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Precision, recall, F1 of the anomalous class, with the confusion counts (unknown labels skipped)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    known = y_true >= 0
+    t, p = y_true[known] == 1, y_pred[known] == 1
+    tp, fp = int((t & p).sum()), int((~t & p).sum())
+    fn, tn = int((t & ~p).sum()), int((~t & ~p).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(precision=precision, recall=recall, f1=f1, tp=tp, fp=fp, tn=tn, fn=fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method
+
+
+@dataclass
+class FusionLogConfig:
+    """Knobs of the whole method; each part's own config carries its defaults and reasons."""
+    tau: float = router.RouterConfig.tau  # route threshold: general iff every template has a source twin this close
+    threshold: float = 0.5  # final label: anomalous iff the small model's probability >= this (class-balanced loss)
+    pseudo_domains: int = 4  # with a single source system, split it into this many pseudo-domains for MAML
+    meta: metamodel.MetaConfig = field(default_factory=metamodel.MetaConfig)
+    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionLogConfig":
+        d = dict(d)
+        meta = _dataclass_from(metamodel.MetaConfig, d.pop("meta", {}))
+        dist = _dataclass_from(distill.DistillConfig, d.pop("distill", {}))
+        return cls(meta=meta, distill=dist, **{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+def _dataclass_from(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+
+
+@dataclass
+class Predictions:
+    """Per-session output: label, the small model's score, the route and, where the LLM was asked, its reason."""
+    ids: list[str]
+    labels: np.ndarray  # 1 anomalous, 0 normal
+    scores: np.ndarray  # small model's p(anomalous)
+    general: np.ndarray  # bool: routed to the general branch
+    route_scores: np.ndarray  # min over templates of the max cosine to a source template
+    reasons: list[str | None]
+
+    def rows(self) -> Iterable[dict]:
+        for i, sid in enumerate(self.ids):
+            yield {"session": sid, "label": "Anomaly" if self.labels[i] else "Normal",
+                   "score": round(float(self.scores[i]), 6),
+                   "route": "general" if self.general[i] else "proprietary",
+                   "route_score": round(float(self.route_scores[i]), 6), "reason": self.reasons[i] or ""}
+
+
+def template_set_key(templates: list[str], sequence: np.ndarray) -> tuple[str, ...]:
+    """A session's distinct templates as sorted strings: the key of one LLM question."""
+    return tuple(sorted({templates[t] for t in sequence.tolist()}))
+
+
+def templates_with_counts(templates: list[str], sequence: np.ndarray) -> list[tuple[str, int]]:
+    """A session's distinct templates in first-appearance order, each with how often it occurs."""
+    uniq, first, counts = np.unique(sequence, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return [(templates[uniq[i]], int(counts[i])) for i in order]
+
+
+class FusionLog:
+    """Fit on labeled source systems + an unlabeled target; predict with the distilled small model."""
+
+    def __init__(self, config: FusionLogConfig | None = None, client: distill.ChatClient | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self.config = config or FusionLogConfig()
+        self.client = client  # None: no LLM, the proprietary branch keeps the meta-learned model (sm_only)
+        self.progress = progress or (lambda msg: None)
+        self.params: dict | None = None
+        self.embedder: router.TfidfEmbedder | None = None
+        self.source_templates: list[str] = []
+        self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
+        self.report: dict = {}
+
+    # -- the steps of Fig. 2 ------------------------------------------------------------------------
+
+    def embed(self, systems: list[Sessions]) -> None:
+        """Fit one TF-IDF space over every system's templates (unsupervised; target included)."""
+        self.embedder = router.TfidfEmbedder().fit([t for s in systems for t in s.templates])
+
+    def features(self, s: Sessions) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+        """Template vectors (T, V), session vectors (n, V) and the small model's input (n, V + F)."""
+        tvecs = self.embedder.transform(s.templates)
+        svecs = router.session_vectors(s.sequences, tvecs)
+        return tvecs, svecs, metamodel.session_features(svecs, s.sequences, len(s.templates))
+
+    def route(self, s: Sessions, tvecs: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """Training-free router: session score = min over its templates of the max cosine to the source."""
+        source_vecs = self.embedder.transform(self.source_templates)
+        return router.route(s.sequences, tvecs, source_vecs, self.config.tau)
+
+    def meta_train(self, sources: list[Sessions], source_feats: list[tuple]) -> dict:
+        """General branch: first-order MAML with each source system as a domain (Sec. 3.3)."""
+        domains = []
+        for s, (tvecs, _, X) in zip(sources, source_feats):
+            y = s.labels.astype(np.int64)
+            if len(sources) == 1:  # one source: pseudo-domains whose templates differ
+                for idx in metamodel.pseudo_domains(tvecs, s.sequences, y, self.config.pseudo_domains,
+                                                    self.config.meta.seed):
+                    domains.append((X[idx], y[idx]))
+            else:
+                domains.append((X, y))
+        return metamodel.maml_train(domains, self.config.meta, progress=self.progress)
+
+    def fit(self, sources: list[Sessions], target: Sessions) -> dict:
+        """Run the whole method. Target labels, if any, are never read here."""
+        sources = [self._labeled_part(s) for s in sources]
+        self.progress(f"embedding templates of {len(sources)} source(s) and target {target.name}")
+        self.embed(sources + [target])
+        self.source_templates = [t for s in sources for t in s.templates]
+        source_feats = [self.features(s) for s in sources]
+        t_tvecs, t_svecs, t_X = self.features(target)
+
+        route_scores, general = self.route(target, t_tvecs)
+        self.progress(f"routing: {router.split_summary(general)}")
+
+        self.progress("meta-training the small model over the source systems")
+        params = self.meta_train(sources, source_feats)
+
+        rounds: list[dict] = []
+        prop = np.flatnonzero(~general)
+        if self.client is not None and len(prop):
+            params, rounds = self._distill(params, sources, source_feats, target, t_svecs, t_X, prop)
+        self.params = params
+        self.report = {"target": target.name, "sessions": len(target), "general": int(general.sum()),
+                       "proprietary": int(len(prop)), "tau": self.config.tau, "rounds": rounds,
+                       "llm_calls": sum(r.get("asked", 0) - r.get("cached", 0) for r in rounds),
+                       "llm_cached": sum(r.get("cached", 0) for r in rounds),
+                       "llm_faults": dict(self.client.faults) if self.client is not None else {}}
+        return self.report
+
+    def _distill(self, params, sources, source_feats, target, t_svecs, t_X, prop):
+        """Proprietary branch: one LLM question per distinct template-set of the proprietary sessions."""
+        keys = [template_set_key(target.templates, target.sequences[i]) for i in prop]
+        group_of: dict[tuple, int] = {}
+        group = np.array([group_of.setdefault(k, len(group_of)) for k in keys], dtype=np.int64)
+        first = np.zeros(len(group_of), dtype=np.int64)  # a representative session per group
+        first[group[::-1]] = prop[::-1]
+        questions = [templates_with_counts(target.templates, target.sequences[i]) for i in first]
+        self.progress(f"distillation: {len(prop)} proprietary sessions in {len(group_of)} distinct template-sets")
+
+        # Retrieval pool: one labeled example per distinct source template-set (majority label).
+        texts, vec_rows, labels = [], [], []
+        for s, (_, svecs, _) in zip(sources, source_feats):
+            seen: dict[tuple, list[int]] = {}
+            for i, seq in enumerate(s.sequences):
+                seen.setdefault(template_set_key(s.templates, seq), []).append(i)
+            for idx in seen.values():
+                texts.append(templates_with_counts(s.templates, s.sequences[idx[0]]))
+                vec_rows.append(svecs[idx[0]])
+                labels.append(int(round(float(s.labels[idx].mean()))))
+        pool = distill.ExamplePool(texts, sp.vstack(vec_rows).tocsr(), np.array(labels, dtype=np.int64))
+        replay = (sp.vstack([f[2] for f in source_feats]).tocsr(),
+                  np.concatenate([s.labels.astype(np.int64) for s in sources]))
+
+        meta_cfg = self.config.meta
+        result = distill.distill(
+            params, t_X[prop], group, questions, t_svecs[first], pool, replay, self.client,
+            self.config.distill,
+            predict_proba=metamodel.predict_proba,
+            fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta_cfg),
+            progress=self.progress)
+        keys_by_group = {g: k for k, g in group_of.items()}
+        self.llm_reasons = {keys_by_group[g]: a.reason for g, a in result.answers.items()}
+        return result.params, result.rounds
+
+    def predict(self, s: Sessions) -> Predictions:
+        """Label sessions with the small model alone (no LLM): score, label, route, and the LLM's reason
+        where this model's fit asked the LLM about the same template-set."""
+        if self.params is None:
+            raise ValueError("the model is not fitted: call fit() or load() first")
+        tvecs, _, X = self.features(s)
+        route_scores, general = self.route(s, tvecs)
+        scores = metamodel.predict_proba(X, self.params)
+        reasons = [self.llm_reasons.get(template_set_key(s.templates, seq)) for seq in s.sequences]
+        return Predictions(list(s.ids), (scores >= self.config.threshold).astype(np.int8), scores, general,
+                           route_scores, reasons)
+
+    # -- model files ------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One .npz: the small model's weights plus a JSON config (embedder, source templates, LLM reasons)."""
+        state = {"config": self.config.to_dict(), "embedder": self.embedder.to_dict(),
+                 "source_templates": self.source_templates,
+                 "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()]}
+        metamodel.save(path, self.params, state)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, progress: Callable | None = None) -> "FusionLog":
+        params, state = metamodel.load(path)
+        try:
+            model = cls(FusionLogConfig.from_dict(state["config"]), progress=progress)
+            model.embedder = router.TfidfEmbedder.from_dict(state["embedder"])
+            model.source_templates = list(state["source_templates"])
+            model.llm_reasons = {tuple(k): r for k, r in state.get("llm_reasons", [])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a fusionlog model file ({e})") from None
+        model.params = params
+        return model
+
+    @staticmethod
+    def _labeled_part(s: Sessions) -> Sessions:
+        """A source's labeled sessions; a source must show both classes to teach anything."""
+        if s.labels is None:
+            raise ValueError(f"source {s.name}: no labels (give a label file or an inline label field)")
+        s = s.subset(np.flatnonzero(s.labels >= 0))
+        if len(s) == 0 or not (s.labels == 1).any():
+            raise ValueError(f"source {s.name}: no anomalous sessions: nothing to learn from")
+        if not (s.labels == 0).any():
+            raise ValueError(f"source {s.name}: no normal sessions: nothing to learn from")
+        return s
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+DEFAULT_LLM_URL = "http://127.0.0.1:8080/v1"  # where bench/local_llm.sh serves the local model
+
+HELP = """\
+FusionLog: find the anomalous sessions of a new system's logs with zero labels from it, using labeled
+logs of other systems (sources), a training-free router, a meta-learned small model and an LLM teacher.
+
+  fusionlog run      fit on sources + target, write predictions for the target, save the small model
+  fusionlog predict  label sessions with a saved model (no LLM)
+  fusionlog presets  list the built-in log formats
+
+A system is named NAME=PATH. NAME is a preset (HDFS, BGL, OpenStack, Thunderbird, Hadoop, Spark,
+Zookeeper) or your own name described with --format/--session/--window/--label-field NAME=... .
+
+Example (the shared LogHub samples; an LLM from bench/local_llm.sh start):
+  fusionlog run \\
+    --source BGL=../shared/data/BGL/BGL_2k.log \\
+    --source OpenStack=../shared/data/OpenStack/openstack_nova.log \\
+    --labels OpenStack=../shared/data/OpenStack/anomaly_label.csv \\
+    --target HDFS=../shared/data/HDFS/HDFS_2pct.log \\
+    --labels HDFS=../shared/data/HDFS/anomaly_label.csv \\
+    --out predictions.csv --model-out model.npz
+  fusionlog predict --model model.npz --input HDFS=../shared/data/HDFS/HDFS_2pct.log --out again.csv
+"""
+
+
+def _keyed(values: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        name, sep, rest = v.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag} {v!r}: expected NAME=VALUE")
+        out[name] = rest
+    return out
+
+
+def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]:
+    formats, sessions = _keyed(args.format, "--format"), _keyed(args.session, "--session")
+    windows, label_fields = _keyed(args.window, "--window"), _keyed(args.label_field, "--label-field")
+    specs = {}
+    for name, path in systems:
+        base = PRESETS.get(name)
+        if base is None and name not in formats:
+            raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format {name}=... "
+                             f"and --session {name}=REGEX or --window {name}=SIZE")
+        spec = SystemSpec(**asdict(base)) if base else SystemSpec(formats[name])
+        if name in formats:
+            spec.log_format = formats[name]
+        if name in sessions:
+            spec.session_regex, spec.window = sessions[name], 0
+        if name in windows:
+            size, _, step = windows[name].partition(",")
+            try:
+                spec.window, spec.step, spec.session_regex = int(size), int(step or 0), None
+            except ValueError:
+                raise ValueError(f"--window {name}={windows[name]}: expected SIZE or SIZE,STEP") from None
+            if spec.window <= 0 or spec.step < 0:
+                raise ValueError(f"--window {name}={windows[name]}: size must be > 0 and step >= 0")
+        if name in label_fields:
+            spec.label_field, _, normal = label_fields[name].partition(",")
+            spec.normal_value = normal or "-"
+        if base is None and spec.session_regex is None and spec.window <= 0:
+            raise ValueError(f"system {name!r}: give --session {name}=REGEX or --window {name}=SIZE")
+        specs[name] = spec
+    return specs
+
+
+def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]:
+    systems = [(name, path) for name, path in _keyed(pairs, flag).items()]
+    specs = _system_specs(args, systems)
+    label_files = _keyed(args.labels, "--labels")
+    out = []
+    for name, path in systems:
+        s = read_system(path, specs[name], name, progress)
+        if name in label_files:
+            attach_labels(s, read_labels(label_files[name]))
+        st = s.stats
+        progress(f"{name}: {st['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
+                 + (f", {st['continuation']:,} continuation lines" if st["continuation"] else "")
+                 + (f", {st['unmatched']:,} unmatched lines" if st["unmatched"] else "")
+                 + (f", {st['replaced_chars']:,} undecodable bytes replaced" if st["replaced_chars"] else "")
+                 + (f", {st['unlabeled_sessions']:,} sessions not in the label file" if st.get("unlabeled_sessions") else ""))
+        out.append(s)
+    return out
+
+
+def write_predictions(pred: Predictions, path: str) -> None:
+    """CSV (default) or JSONL (path ending .jsonl), one row per session."""
+    rows = list(pred.rows())
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        if path.endswith(".jsonl"):
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        else:
+            w = csv.DictWriter(f, fieldnames=["session", "label", "score", "route", "route_score", "reason"])
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _metrics_line(target: Sessions, pred: Predictions) -> str | None:
+    if target.labels is None or not (target.labels >= 0).any():
+        return None
+    m = evaluate(target.labels, pred.labels)
+    return (f"evaluation (target labels, used for nothing else): precision {m['precision']:.3f} recall "
+            f"{m['recall']:.3f} F1 {m['f1']:.3f} (TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']})")
+
+
+def cmd_run(args, progress) -> int:
+    config = FusionLogConfig()
+    if args.tau is not None:
+        config.tau = args.tau
+    config.meta.seed = config.distill.seed = args.seed
+    if args.rounds is not None:
+        config.distill.rounds = args.rounds
+    if args.budget is not None:
+        config.distill.budget = args.budget
+    if args.concurrency is not None:
+        config.distill.concurrency = args.concurrency
+    client = None
+    if args.llm_url != "none":
+        cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
+        client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
+                                    response_format=args.response_format, cache=cache, logprobs=args.logprobs)
+        client.check()  # fail fast, in one line, before reading anything
+    sources = _load_systems(args, args.source, "--source", progress)
+    (target,) = _load_systems(args, args.target, "--target", progress)
+    model = FusionLog(config, client, progress)
+    report = model.fit(sources, target)
+    pred = model.predict(target)
+    write_predictions(pred, args.out)
+    if args.model_out:
+        model.save(args.model_out)
+    print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
+          f"{router.split_summary(pred.general)}")
+    for r in report["rounds"]:
+        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
+              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in
+              ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")}))
+    faults = ", ".join(f"{k} {v}" for k, v in report["llm_faults"].items()) or "none"
+    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}")
+    print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
+          + (f"; model -> {args.model_out}" if args.model_out else ""))
+    line = _metrics_line(target, pred)
+    if line:
+        print(line)
+        report["metrics"] = evaluate(target.labels, pred.labels)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def cmd_predict(args, progress) -> int:
+    model = FusionLog.load(args.model, progress)
+    (sessions,) = _load_systems(args, args.input, "--input", progress)
+    pred = model.predict(sessions)
+    write_predictions(pred, args.out)
+    print(f"{sessions.name}: {len(sessions):,} sessions; routing: {router.split_summary(pred.general)}")
+    print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}")
+    line = _metrics_line(sessions, pred)
+    if line:
+        print(line)
+    return 0
+
+
+def _add_system_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("describing a log that is not a preset (repeat per system, keyed by NAME)")
+    g.add_argument("--labels", action="append", metavar="NAME=CSV",
+                   help="label file 'Id,Label' (Normal/Anomaly or 0/1) for system NAME; for the target it is "
+                        "used only to report precision/recall/F1")
+    g.add_argument("--format", action="append", metavar="NAME=FORMAT",
+                   help="LogHub format string, e.g. '<Date> <Time> <Level> <Component>: <Content>'")
+    g.add_argument("--session", action="append", metavar="NAME=REGEX",
+                   help="session id regex (group 1 if any); a line belongs to every id it names")
+    g.add_argument("--window", action="append", metavar="NAME=SIZE[,STEP]",
+                   help="group records into fixed windows instead of ids")
+    g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]",
+                   help="inline label field (a session is anomalous if any line's value is not NORMAL, default '-')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusionlog", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="fit on sources + target and label the target",
+                         description="Fit FusionLog on labeled source logs and an unlabeled target log, write "
+                                     "one prediction per target session, save the distilled small model.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
+                     help="a labeled source system (repeat for several)")
+    run.add_argument("--target", action="append", required=True, metavar="NAME=PATH",
+                     help="the new, unlabeled system to label")
+    _add_system_flags(run)
+    run.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
+    run.add_argument("--model-out", default="fusionlog-model.npz", help="where to save the small model ('' = don't)")
+    run.add_argument("--report", default=None, help="also write the run report as JSON here")
+    llm = run.add_argument_group("the LLM teacher (any OpenAI-compatible server)")
+    llm.add_argument("--llm-url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
+                     help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)")
+    llm.add_argument("--llm-model", default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)")
+    llm.add_argument("--llm-key", default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)")
+    llm.add_argument("--response-format", default="json_object_schema",
+                     choices=["json_object_schema", "json_schema", "none"],
+                     help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: parse free text")
+    llm.add_argument("--logprobs", action="store_true", help="ask for token log-probabilities (p(anomalous))")
+    llm.add_argument("--cache", default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
+                     help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again")
+    alg = run.add_argument_group("the method")
+    alg.add_argument("--tau", type=float, default=None, help=f"router threshold (default {router.RouterConfig.tau})")
+    alg.add_argument("--rounds", type=int, default=None, help="max distillation rounds")
+    alg.add_argument("--budget", type=int, default=None, help="max LLM questions in this run")
+    alg.add_argument("--concurrency", type=int, default=None, help="LLM requests in flight")
+    alg.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+
+    pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",
+                        description="Label the sessions of a log with a model saved by 'fusionlog run'.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.add_argument("--model", required=True, help="model file from 'fusionlog run --model-out'")
+    pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="the log to label")
+    _add_system_flags(pr)
+    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
+
+    sub.add_parser("presets", help="list the built-in log formats")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = (lambda msg: None) if args.quiet else (lambda msg: print(f"fusionlog: {msg}", file=sys.stderr))
+    try:
+        if args.command == "run":
+            if len(args.target) != 1:
+                raise ValueError("--target: give exactly one target system")
+            return cmd_run(args, progress)
+        if args.command == "predict":
+            return cmd_predict(args, progress)
+        if args.command == "presets":
+            for name, spec in PRESETS.items():
+                grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
+                print(f"{name:12} {spec.log_format}\n{'':12} {grouping}"
+                      + (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)" if spec.label_field else ""))
+            return 0
+        parser.print_help()
+        return 2
+    except ValueError as e:  # bad input or an LLM that is not there: one line, no traceback
+        print(f"fusionlog: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusionlog: interrupted (answers so far are in the cache)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
