@@ -722,7 +722,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser.print_help()
         return 2
-    except ValueError as e:  # bad input or an LLM that is not there: one line, no traceback
+    except distill.LLMUnavailable as e:  # no LLM there: say where to get one, in the same single line
+        print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point --llm-url "
+              f"(or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad input: one line naming the file (and line), no traceback
         print(f"fusionlog: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
