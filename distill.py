@@ -91,19 +91,26 @@ _DECODER = json.JSONDecoder()
 
 
 def parse_answer(text: str) -> Answer:
-    """The first JSON object in `text` (code fences and prose around it are ignored), validated."""
+    """The JSON object with a "label" in `text` (code fences and prose around it are ignored), validated
+    against SCHEMA. Several such objects with different labels (say, the model echoed a label written in
+    the log text before giving its own) are refused rather than guessed between."""
     if not isinstance(text, str):
         raise BadAnswer(f"answer content is not text: {_clip(text)}")
-    obj = None
-    for m in re.finditer(r"\{", text[:20_000]):  # try each '{' until one starts a JSON object
-        try:
-            obj, _ = _DECODER.raw_decode(text, m.start())
-        except json.JSONDecodeError:
+    found, end = [], 0
+    for m in re.finditer(r"\{", text[:20_000]):  # try each '{' outside the objects already read
+        if m.start() < end:
             continue
-        if isinstance(obj, dict):
-            break
-    if not isinstance(obj, dict):
-        raise BadAnswer(f"no JSON object in answer {_clip(text)}")
+        try:
+            obj, end = _DECODER.raw_decode(text, m.start())
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+            continue
+        if isinstance(obj, dict) and "label" in obj:
+            found.append(obj)
+    if not found:
+        raise BadAnswer(f"no JSON object with a label in answer {_clip(text)}")
+    if len({str(o["label"]).strip().lower() for o in found}) > 1:
+        raise BadAnswer(f"answer holds {len(found)} JSON objects with different labels: {_clip(text)}")
+    obj = found[0]
     label = obj.get("label")
     if not isinstance(label, str) or label.strip().lower() not in LABEL_NAMES:
         raise BadAnswer(f"label must be 'normal' or 'anomalous', got {_clip(label)}")
@@ -186,23 +193,26 @@ class AnswerCache:
         self._answers: dict[str, Answer] = {}
         self._lock = threading.Lock()
         self.skipped = 0  # corrupt lines seen at load
-        self._needs_newline = False
-        if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                data = f.read()
-            self._needs_newline = bool(data) and not data.endswith(b"\n")  # a half line from a crash
-            for line in data.split(b"\n"):  # not str.splitlines(): it also splits at U+2028 and kin
-                try:
-                    rec = json.loads(line)
-                    p = rec.get("p_anomalous")
-                    ans = Answer(int(rec["label"]), float(rec["confidence"]), str(rec["reason"]),
-                                 None if p is None else float(p), cached=True)
-                    if ans.label not in (0, 1) or not isinstance(rec["key"], str):
-                        raise ValueError
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    self.skipped += int(bool(line.strip()))
-                    continue
-                self._answers[rec["key"]] = ans
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(self.path, "a+b") as f:  # an unwritable cache fails here, at once, not mid-run (OSError)
+            f.seek(0)
+            data = f.read()
+        self._needs_newline = bool(data) and not data.endswith(b"\n")  # a half line from a crash
+        for line in data.split(b"\n"):  # not str.splitlines(): it also splits at U+2028 and kin
+            try:
+                rec = json.loads(line)
+                p = rec.get("p_anomalous")
+                ans = Answer(int(rec["label"]), float(rec["confidence"]), str(rec["reason"]),
+                             None if p is None else float(p), cached=True)
+                if ans.label not in (0, 1) or not 0 <= ans.confidence <= 1 or not isinstance(rec["key"], str) \
+                        or not (p is None or 0 <= ans.p_anomalous <= 1):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                self.skipped += int(bool(line.strip()))
+                continue
+            self._answers[rec["key"]] = ans
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -298,7 +308,7 @@ class ChatClient:
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             self._fault("bad_json")
             raise BadAnswer(f"LLM reply from {url} is not JSON") from None
 
@@ -364,9 +374,11 @@ class ChatClient:
             raise BadAnswer(f"LLM reply from {self.base_url} has no choices[0].message.content") from None
         try:
             ans = parse_answer(text)
-        except BadAnswer:
+        except BadAnswer as e:
             self._fault("bad_answer")
-            raise
+            raise BadAnswer(self._scrub(str(e))) from None
+        if self._api_key and self._api_key in ans.reason:  # a server that echoes the key: never store it
+            ans = replace(ans, reason=ans.reason.replace(self._api_key, "***"))
         if self.logprobs:
             ans = replace(ans, p_anomalous=label_probability(choice.get("logprobs")))
         if self.cache is not None:
@@ -493,14 +505,18 @@ class ExamplePool:
 class DistillConfig:
     """Knobs of the distillation loop; each default says why."""
     rounds: int = 3               # ask, fuse, fine-tune; pseudo-labels usually settle by the 2nd or 3rd
-    budget: int = 100             # new LLM questions per run (cache hits are free); 3-15 s each on 2 CPU cores
+    budget: int = 100             # LLM questions per run, cached ones included; 3-15 s each on 2 CPU cores
+    budget_share: float = 0.5     # ... and at most this share of the distinct template-sets: ask where the SM
+                                  #     is unsure, not everywhere (the most uncertain sets come first)
     concurrency: int = 2          # requests in flight; a CPU llama.cpp server gains little beyond its slots
     k_examples: int = 2           # retrieved examples per question: short prompts are cheap prompts
     min_similarity: float = 0.3   # cross-system examples (cosine 0.05-0.18) pushed a 1.5B model off course
     max_templates: int = 20       # distinct templates shown per question
     example_templates: int = 6    # ... and per example
     margin: float = 0.4           # the SM is uncertain while |p - 0.5| < margin: ask the LLM
-    trust: float = 0.8            # the LLM overrules a disagreeing SM only with this confidence
+    trust: float = 0.8            # the LLM overrules a disagreeing SM only with this confidence, and only
+                                  #     where the SM itself is unsure (|p - 0.5| < margin): a small LLM is
+                                  #     often confidently wrong (shared/notes/llm-calibration.md)
     w_agree: float = 1.0          # pseudo-label weight when LLM and SM agree
     w_llm: float = 0.5            # ... when a confident LLM overrules the SM
     w_sm: float = 0.3             # ... when the LLM was never asked and the SM alone is confident
@@ -518,20 +534,22 @@ def llm_confidence(answer: Answer) -> float:
 def fuse(p_sm: float, llm: Answer | None, config: DistillConfig | None = None) -> tuple[int, float]:
     """(pseudo-label, weight) of one group; label -1 with weight 0 = left out of fine-tuning.
 
-        LLM answer   SM vs LLM    LLM confidence    ->  label      weight
-        yes          agree        any                   shared     w_agree (1.0)
-        yes          disagree     >= trust              LLM's      w_llm   (0.5)
-        yes          disagree     <  trust              -1         0
-        none         -            (|p_sm-.5| >= margin) SM's       w_sm    (0.3)
-        none         -            (SM uncertain)        -1         0
+        LLM answer   SM vs LLM    LLM confidence   SM            ->  label      weight
+        yes          agree        any              any               shared     w_agree (1.0)
+        yes          disagree     >= trust         unsure            LLM's      w_llm   (0.5)
+        yes          disagree     otherwise                          -1         0
+        none         -            -                sure              SM's       w_sm    (0.3)
+        none         -            -                unsure            -1         0
+    (SM sure = |p_sm - 0.5| >= margin.)
     """
     c = config or DistillConfig()
     sm_label = int(p_sm >= 0.5)
+    sm_sure = abs(p_sm - 0.5) >= c.margin
     if llm is None:
-        return (sm_label, c.w_sm) if abs(p_sm - 0.5) >= c.margin else (-1, 0.0)
+        return (sm_label, c.w_sm) if sm_sure else (-1, 0.0)
     if llm.label == sm_label:
         return sm_label, c.w_agree
-    return (llm.label, c.w_llm) if llm_confidence(llm) >= c.trust else (-1, 0.0)
+    return (llm.label, c.w_llm) if llm_confidence(llm) >= c.trust and not sm_sure else (-1, 0.0)
 
 
 @dataclass
@@ -586,7 +604,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
     rng = np.random.default_rng(c.seed)
     answers: dict[int, Answer] = {}
     asked_with: dict[int, str] = {}   # group -> cache key of the prompt its answer came from
-    budget = c.budget
+    budget = min(c.budget, int(np.ceil(c.budget_share * G)))
     labels = np.full(G, -1, dtype=np.int64)
     weights = np.zeros(G)
     examples = pool
@@ -604,12 +622,10 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
             key = client.key(messages)
             if asked_with.get(g) == key:
                 continue  # the same prompt again would get the same answer
-            if client.cached(messages) is not None:
-                n_cached += 1
-            elif budget > 0:
-                budget -= 1
-            else:
+            if budget <= 0:
                 continue  # out of budget: this group is left to the SM
+            budget -= 1  # cached answers count too: the cache never changes which questions are asked, so a
+            n_cached += client.cached(messages) is not None  # run resumed after a crash equals an unbroken one
             jobs.append((g, messages))
         say(f"distill round {r}: asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
             f"{budget} questions left")

@@ -1037,7 +1037,7 @@ def problem(seed=0):
 def run(fake, cache_path, seed=0, **cfg):
     X, group, questions, qv, pool, replay = problem(seed)
     client = ChatClient(fake.url, cache=AnswerCache(cache_path), logprobs=True)
-    config = DistillConfig(**{"rounds": 4, "concurrency": 3, **cfg})
+    config = DistillConfig(**{"rounds": 4, "concurrency": 3, "budget_share": 1.0, **cfg})
     params = {"w": np.zeros(X.shape[1]), "b": 0.0}
     messages = []
     res = distill.distill(params, X, group, questions, qv, pool, replay, client, config,
@@ -1088,12 +1088,33 @@ def test_distill_respects_the_budget(fake_llm, tmp_path):
     assert fake_llm.requests == 3 + len(unanswered)
 
 
+def test_distill_asks_at_most_budget_share_of_the_sets_most_uncertain_first(fake_llm, tmp_path):
+    # an SM that is sure about groups 0-3 and unsure, to different degrees, about groups 4-7
+    X, group, questions, qv, pool, replay = problem()
+    p_group = np.array([0.01, 0.02, 0.98, 0.99, 0.3, 0.45, 0.55, 0.8])
+    client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"))
+    res = distill.distill({}, X, group, questions, qv, pool, None, client,
+                          DistillConfig(rounds=1, budget_share=0.25),
+                          predict_proba=lambda X, p: p_group[group], fine_tune=lambda p, X, y, w: p)
+    assert fake_llm.requests == 2 and sorted(res.answers) == [5, 6]  # ceil(0.25 * 8) = 2, nearest 0.5
+
+
+def test_fuse_lets_the_llm_overrule_only_an_unsure_sm():
+    c = DistillConfig(margin=0.4, trust=0.8)
+    sure_llm = Answer(1, 0.95, "x", p_anomalous=0.97)
+    assert fuse(0.3, sure_llm, c) == (1, c.w_llm)        # SM unsure (|0.3 - 0.5| < 0.4): the LLM decides
+    assert fuse(0.05, sure_llm, c) == (-1, 0.0)          # SM sure of the opposite: left out
+    assert fuse(0.95, sure_llm, c) == (1, c.w_agree)     # agreement
+    assert fuse(0.3, Answer(1, 0.9, "x", p_anomalous=0.6), c) == (-1, 0.0)  # LLM unsure: left out
+    assert fuse(0.05, None, c) == (0, c.w_sm) and fuse(0.3, None, c) == (-1, 0.0)
+
+
 def test_disputed_groups_are_asked_again_with_in_system_examples(fake_llm, tmp_path):
     X, group, questions, qv, pool, replay = problem()
     client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"), logprobs=True)
     # a stubborn SM: slightly "normal" everywhere, never learns; anomalous groups stay disputed
     res = distill.distill({}, X, group, questions, qv, pool, None, client,
-                          DistillConfig(rounds=4, k_examples=2, min_similarity=0.3),
+                          DistillConfig(rounds=4, k_examples=2, min_similarity=0.3, budget_share=2.0),
                           predict_proba=lambda X, p: np.full(X.shape[0], 0.45),
                           fine_tune=lambda p, X, y, w: p)
     n_anom = int(RULE.sum())
@@ -1119,7 +1140,8 @@ def test_distill_survives_a_dead_server(tmp_path):
     X, group, questions, qv, pool, replay = problem()
     client = ChatClient(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, sleep=lambda s: None)
     res = distill.distill({"w": np.zeros(X.shape[1]), "b": 0.0}, X, group, questions, qv, pool, replay,
-                          client, DistillConfig(rounds=3), predict_proba=lr_predict, fine_tune=lr_fine_tune)
+                          client, DistillConfig(rounds=3, budget_share=1.0), predict_proba=lr_predict,
+                          fine_tune=lr_fine_tune)
     assert res.answers == {} and res.rounds[0]["failed"] == len(GROUPS)
     assert client.faults["connection"] == 2 * len(GROUPS)  # then it stops asking
     assert np.all(res.pseudo_labels == -1) and len(res.rounds) == 2
@@ -1144,7 +1166,8 @@ def test_a_group_never_sees_itself_and_an_unchanged_prompt_is_not_asked_again(fa
         return np.full(X.shape[0], 0.3 if len(calls) == 1 else 0.7)
 
     client = ChatClient(fake_llm.url, logprobs=True)  # no cache: every question is a request
-    res = distill.distill({}, X, group, questions, qv, pool, None, client, DistillConfig(rounds=3),
+    res = distill.distill({}, X, group, questions, qv, pool, None, client,
+                          DistillConfig(rounds=3, budget_share=2.0),
                           predict_proba=fickle, fine_tune=lambda p, X, y, w: p)
     normal = [g for g in range(len(GROUPS)) if RULE[g] == 0]
     # re-asked: the now-disputed normal groups whose prompt gained examples (one has no similar neighbour)
@@ -1155,7 +1178,7 @@ def test_a_group_never_sees_itself_and_an_unchanged_prompt_is_not_asked_again(fa
         assert shots and msgs[-1]["content"] not in shots
     # without retrieval the prompt never changes: a disputed group is not asked the same question twice
     before = fake_llm.requests
-    res = distill.distill({}, X, group, questions, qv, pool, None, client, DistillConfig(rounds=3, k_examples=0),
+    res = distill.distill({}, X, group, questions, qv, pool, None, client, DistillConfig(rounds=3, k_examples=0, budget_share=2.0),
                           predict_proba=lambda X, p: np.full(X.shape[0], 0.45), fine_tune=lambda p, X, y, w: p)
     assert fake_llm.requests - before == len(GROUPS) and res.rounds[1]["asked"] == 0
 
@@ -1388,3 +1411,99 @@ def test_real_logs_bgl_openstack_to_hdfs_slice(tmp_path, capsys):
         assert report["llm_calls"] == fake.requests > 0
     finally:
         fake.stop()
+
+
+# ====================================================================================================
+# speed paths (issue: HDFS scale): each fast path against the plain rule it replaces
+# ====================================================================================================
+
+def test_mask_many_equals_mask_per_message():
+    from router import mask_many
+    rng = random.Random(1)
+    pieces = list("ab09xX-+./:<*>_ fFblk\u00e9\t") + [
+        "<*>", "blk_", "0x", "deadbeef", "12", "fa:16:", "/usr", "1.2.3.4", "//", "R02", "-7", ":80", "  "]
+    for _ in range(3000):
+        msgs = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(0, 6))]
+        assert mask_many(msgs) == [mask(m) for m in msgs], msgs
+    assert mask_many(["a 1\n2 blk_3", "x 3"]) == [mask("a 1\n2 blk_3"), mask("x 3")]  # a newline inside: plain path
+    raws = [raw for raw, _ in MASK_CASES]
+    assert mask_many(raws) == [expected for _, expected in MASK_CASES]
+
+
+def _loghub_pattern(log_format: str) -> re.Pattern:
+    """LogHub's own rule, as its parsers write it: every field `.*?`, runs of spaces `\\s+`."""
+    return re.compile("^" + "".join(f"(?P<{p[1:-1]}>.*?)" if p.startswith("<") and p.endswith(">")
+                                    else re.sub(" +", r"\\s+", p)
+                                    for p in re.split(r"(<[^<>]+>)", log_format)) + "$")
+
+
+def test_compile_format_and_its_fast_variant_agree_with_loghub_rule():
+    formats = [spec.log_format for spec in fl.PRESETS.values()] + [
+        "<A> <B> <Content>", "<A>: <B> <Content>", "<A> - <B>:: <Content> end", "x<A> <Content>", "<Content> <A>",
+        r"<A> \[<B>\] <Content>", "<A>:<B> <Content>", "<A>  <B>,<C> <Content>"]
+    rng = random.Random(2)
+    alphabet = list("ab:- \t[],x") + ["end", "::", "  "]
+    fast_hits = 0
+    for f in formats:
+        ref, exact, fast = _loghub_pattern(f), fl.compile_format(f), fl.compile_format(f, tokens=True)
+        for _ in range(3000):
+            line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))).strip()
+            want = ref.match(line)
+            want = want.groupdict() if want else None
+            got = exact.match(line)
+            assert (got.groupdict() if got else None) == want, (f, line)
+            got = fast.match(line) if fast is not None else None
+            if got:  # where the fast variant matches, it matches exactly as LogHub's rule does
+                fast_hits += 1
+                assert got.groupdict() == want, (f, line)
+    assert fast_hits > 1000
+    with_fast = {n for n, s in fl.PRESETS.items() if fl.compile_format(s.log_format, tokens=True) is not None}
+    assert with_fast == {"HDFS", "BGL", "OpenStack", "Hadoop", "Spark"}
+    assert fl.compile_format(fl.PRESETS["HDFS"].log_format, tokens=True).match(HDFS_LIKE.splitlines()[0])
+
+
+def _read_by_line(path, spec):
+    """read_system's rule for id sessions, one line at a time with LogHub's pattern and mask()."""
+    line_re, id_re = _loghub_pattern(spec.log_format), re.compile(spec.session_regex)
+    templates, by_id, prev = {}, {}, []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for raw in f:
+            line = raw.strip()
+            if not line:
+                continue
+            m = line_re.match(line)
+            if m is None and not prev:
+                continue  # no record before it to continue
+            content, ids = (line, prev) if m is None else (m["Content"], list(dict.fromkeys(id_re.findall(line))))
+            tid = templates.setdefault(mask(content), len(templates))
+            for sid in ids:
+                by_id.setdefault(sid, []).append(tid)
+            prev = ids
+    return list(templates), list(by_id), [by_id[s] for s in by_id]
+
+
+def _as_tuple(s):
+    return s.templates, s.ids, [seq.tolist() for seq in s.sequences]
+
+
+def test_read_system_equals_line_by_line_rule_at_any_chunk_size(tmp_path, monkeypatch):
+    text = ("orphan line before any record\n" + HDFS_LIKE + "\n   \n"
+            "081109 203521 1 INFO dfs.X: a record naming no block\n"
+            "a continuation after it joins nothing\n"
+            "081109 203522 2 INFO dfs.X: twice blk_7 and blk_7, then blk_-8\n"
+            "081109 203523 3 INFO dfs.X  Component: with a space inside  (the LogHub pattern decides)\n"
+            + HDFS_LIKE.replace("blk_1", "blk_3"))
+    path = write(tmp_path / "h.log", text)
+    want = _read_by_line(path, fl.PRESETS["HDFS"])
+    whole = fl.read_system(path, fl.PRESETS["HDFS"], "HDFS")
+    assert _as_tuple(whole) == want
+    assert whole.stats["unmatched"] == 2 and whole.stats["blank"] == 2 and whole.stats["unsessioned"] == 2
+    monkeypatch.setattr(fl, "_CHUNK_CHARS", 1)  # one line per chunk: all state crosses chunk boundaries
+    one = fl.read_system(path, fl.PRESETS["HDFS"], "HDFS")
+    assert _as_tuple(one) == want and one.stats == whole.stats
+
+
+@pytest.mark.skipif(not (SHARED / "OpenStack" / "openstack_nova.log").exists(), reason=f"real logs not found at {SHARED}")
+def test_read_system_equals_line_by_line_rule_on_real_openstack():
+    path = SHARED / "OpenStack" / "openstack_nova.log"
+    assert _as_tuple(fl.read_system(path, fl.PRESETS["OpenStack"])) == _read_by_line(path, fl.PRESETS["OpenStack"])
