@@ -514,9 +514,9 @@ class DistillConfig:
     max_templates: int = 20       # distinct templates shown per question
     example_templates: int = 6    # ... and per example
     margin: float = 0.4           # the SM is uncertain while |p - 0.5| < margin: ask the LLM
-    trust: float = 0.8            # the LLM overrules a disagreeing SM only with this confidence, and only
-                                  #     where the SM itself is unsure (|p - 0.5| < margin): a small LLM is
-                                  #     often confidently wrong (shared/notes/llm-calibration.md)
+    trust: float = 0.8            # the LLM overrules a disagreeing SM only with this confidence (read off
+                                  #     log-probabilities where the server gives them: a 1.5B model *states*
+                                  #     0.9 on every answer, shared/notes/llm-calibration.md)
     w_agree: float = 1.0          # pseudo-label weight when LLM and SM agree
     w_llm: float = 0.5            # ... when a confident LLM overrules the SM
     w_sm: float = 0.3             # ... when the LLM was never asked and the SM alone is confident
@@ -536,20 +536,19 @@ def fuse(p_sm: float, llm: Answer | None, config: DistillConfig | None = None) -
 
         LLM answer   SM vs LLM    LLM confidence   SM            ->  label      weight
         yes          agree        any              any               shared     w_agree (1.0)
-        yes          disagree     >= trust         unsure            LLM's      w_llm   (0.5)
-        yes          disagree     otherwise                          -1         0
+        yes          disagree     >= trust         any               LLM's      w_llm   (0.5)
+        yes          disagree     <  trust         any               -1         0
         none         -            -                sure              SM's       w_sm    (0.3)
         none         -            -                unsure            -1         0
     (SM sure = |p_sm - 0.5| >= margin.)
     """
     c = config or DistillConfig()
     sm_label = int(p_sm >= 0.5)
-    sm_sure = abs(p_sm - 0.5) >= c.margin
     if llm is None:
-        return (sm_label, c.w_sm) if sm_sure else (-1, 0.0)
+        return (sm_label, c.w_sm) if abs(p_sm - 0.5) >= c.margin else (-1, 0.0)
     if llm.label == sm_label:
         return sm_label, c.w_agree
-    return (llm.label, c.w_llm) if llm_confidence(llm) >= c.trust and not sm_sure else (-1, 0.0)
+    return (llm.label, c.w_llm) if llm_confidence(llm) >= c.trust else (-1, 0.0)
 
 
 @dataclass

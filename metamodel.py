@@ -386,18 +386,21 @@ def fine_tune(params: dict, X, y, w, config: MetaConfig, seed: int | None = None
 # -----------------------------------------------------------------------------
 # persistence: one .npz, arrays + a JSON header, never pickle
 
-def _digest(params: dict) -> str:
+def _digest(params: dict, config: dict | None = None) -> str:
+    """sha256 of the arrays (names, shapes, bytes) and of the config's canonical JSON: an edit anywhere shows."""
     h = hashlib.sha256()
     for k in sorted(params):
         a = np.ascontiguousarray(params[k], dtype=np.float64)
         h.update(f"{k}:{a.shape};".encode())
         h.update(a.tobytes())
+    if config is not None:
+        h.update(json.dumps(config, sort_keys=True).encode())
     return h.hexdigest()
 
 
 def save(path, params: dict, config: dict) -> None:
     """Write params and config (JSON-able dict) to one .npz at exactly `path` (atomically)."""
-    header = {"format": FORMAT, "version": VERSION, "sha256": _digest(params), "config": config}
+    header = {"format": FORMAT, "version": VERSION, "sha256": _digest(params, config), "config": config}
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     arrays["__config__"] = np.array(json.dumps(header, sort_keys=True))   # 0-d unicode array
     tmp = f"{path}.tmp"
@@ -424,8 +427,8 @@ def load(path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: unsupported model version {header.get('version')!r} (expected {VERSION})")
     if not isinstance(header.get("config"), dict) or any(a.dtype.kind != "f" for a in arrays.values()):
         raise ValueError(f"{path}: malformed model (config not a dict or non-float arrays)")
-    if header.get("sha256") != _digest(arrays):
-        raise ValueError(f"{path}: model arrays do not match their checksum (file damaged or edited)")
+    if header.get("sha256") != _digest(arrays, header["config"]):
+        raise ValueError(f"{path}: model does not match its checksum (file damaged or edited)")
     params = {k: a.astype(np.float64) for k, a in arrays.items()}
     _check_params(params, path)
     return params, header["config"]
