@@ -513,7 +513,8 @@ class DistillConfig:
     min_similarity: float = 0.3   # cross-system examples (cosine 0.05-0.18) pushed a 1.5B model off course
     max_templates: int = 20       # distinct templates shown per question
     example_templates: int = 6    # ... and per example
-    margin: float = 0.4           # the SM is uncertain while |p - 0.5| < margin: ask the LLM
+    margin: float = 0.4           # the SM is sure when |p - 0.5| >= margin: only then may it pseudo-label
+                                  #     a set the LLM was not asked about
     trust: float = 0.8            # the LLM overrules a disagreeing SM only with this confidence (read off
                                   #     log-probabilities where the server gives them: a 1.5B model *states*
                                   #     0.9 on every answer, shared/notes/llm-calibration.md)
@@ -612,10 +613,12 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         # 1. the SM's opinion per group: mean probability of its sessions
         p = np.bincount(group, weights=predict_proba(X, params), minlength=G) / np.maximum(sizes, 1)  # (G,)
         sm_label = (p >= 0.5).astype(np.int64)
-        # 2. whom to ask, most uncertain first: unanswered uncertain groups and disputed ones
+        # 2. whom to ask, most uncertain first, until the budget (at most budget_share of the sets) is spent:
+        #    unanswered groups and disputed ones. Not only those within the margin: a small model trained on
+        #    other systems can be sure of everything on a new one (BGL: every window "anomalous", p > 0.99),
+        #    and then its least sure sets are still where the teacher helps most.
         want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
-                if (g not in answers and abs(p[g] - 0.5) < c.margin)
-                or (g in answers and answers[g].label != sm_label[g])]
+                if g not in answers or answers[g].label != sm_label[g]]
         jobs, n_cached = [], 0
         for g, messages in zip(want, _prompts(want, questions, question_vecs, examples, c)):
             key = client.key(messages)

@@ -1099,6 +1099,19 @@ def test_distill_asks_at_most_budget_share_of_the_sets_most_uncertain_first(fake
     assert fake_llm.requests == 2 and sorted(res.answers) == [5, 6]  # ceil(0.25 * 8) = 2, nearest 0.5
 
 
+def test_a_small_model_sure_of_everything_still_gets_its_least_sure_sets_asked(fake_llm, tmp_path):
+    X, group, questions, qv, pool, replay = problem()
+    p_group = np.array([0.999, 0.995, 0.9999, 0.99, 0.993, 0.998, 0.991, 0.9995])  # all "sure", all anomalous
+    client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"))
+    res = distill.distill({}, X, group, questions, qv, pool, None, client,
+                          DistillConfig(rounds=1, budget_share=0.5),
+                          predict_proba=lambda X, p: p_group[group], fine_tune=lambda p, X, y, w: p)
+    assert sorted(res.answers) == [1, 3, 4, 6]  # the four least sure: 0.995, 0.99, 0.993, 0.991
+    # where the fake teacher says normal (stated confidence 0.9 >= trust 0.8), it overrules the sure SM
+    for g in (1, 3, 4, 6):
+        assert set(res.pseudo_labels[group == g]) == {RULE[g]}
+
+
 def test_fuse_rule_uses_logprob_confidence_over_the_stated_one():
     c = DistillConfig(margin=0.4, trust=0.8)
     sure_llm = Answer(1, 0.95, "x", p_anomalous=0.97)
