@@ -1,0 +1,687 @@
+#!/usr/bin/env python3
+"""FusionLog benchmark: each of HDFS, BGL, OpenStack as the zero-label target, the other two as sources.
+
+    python bench/bench.py --data ../shared/data --llm-url http://127.0.0.1:8080/v1 --out bench/results.json
+
+Protocol. The target's sessions are ordered by first appearance. FusionLog fits on the first half (routing,
+every LLM call, distillation); the metrics are on the second half, which no LLM and no fit saw. The
+transductive numbers fit and score on all of the target. Target labels are read only to score.
+
+Systems, all scored with precision / recall / F1 of the anomalous class on the same sessions:
+    fusionlog         the full method (router -> meta-learned small model -> LLM <-> SM distillation)
+    sm_only           the meta-learned small model alone (no LLM, no distillation)
+    llm_only          the same LLM and prompts labeling each test template-set directly (no small model)
+    no_router         every target session treated as proprietary (tau = inf)
+    one_round         distillation stopped after a single round
+    isolation_forest  scikit-learn IsolationForest on template count vectors (loglizer's demo settings)
+    pca               loglizer's PCA detector (Xu et al., SOSP'09), re-implemented in numpy below
+
+Each target runs in its own subprocess (`--target NAME`) so its peak RSS is its own; the parent merges the
+results into --out (JSON) and --md (markdown, the table README shows). Progress goes to stderr, the table
+to stdout at the end. `--llm-url fake` serves the test suite's keyword-rule fake LLM for a dry run;
+`--llm-url none` skips the LLM systems.
+
+scikit-learn is a peer, not a dependency: it comes with the optional `bench` extra
+(pip install -e '.[bench]') and is imported only here, only for the isolation_forest peer.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+import distill  # noqa: E402
+import fusionlog as fl  # noqa: E402
+import router  # noqa: E402
+
+TARGETS = ("HDFS", "BGL", "OpenStack")
+FILES = {  # system -> (log, label csv or None for inline labels), relative to --data
+    "HDFS": ("HDFS/HDFS_2pct.log", "HDFS/anomaly_label.csv"),
+    "BGL": ("BGL/BGL_2k.log", None),
+    "OpenStack": ("OpenStack/openstack_nova.log", "OpenStack/anomaly_label.csv"),
+}
+LLM_SYSTEMS = ("fusionlog", "llm_only", "no_router", "one_round")
+SYSTEMS = ("fusionlog", "sm_only", "llm_only", "no_router", "one_round", "isolation_forest", "pca")
+LIBRARY_FILES = ("fusionlog.py", "distill.py", "metamodel.py", "router.py")
+STAGES = ("read_parse", "embed_route", "meta_train", "distill", "predict")
+FAKE_MODEL = "fake-keyword-rule"  # the model name sent to the fake server: its answers never share cache keys
+                                  # with a real model's
+
+_t0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"bench [{time.perf_counter() - _t0:7.1f}s]: {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def read(data: Path, name: str) -> fl.Sessions:
+    log, labels = FILES[name]
+    s = fl.read_system(data / log, fl.PRESETS[name], name)
+    if labels is not None:
+        fl.attach_labels(s, fl.read_labels(data / labels))
+    return s
+
+
+def compact(s: fl.Sessions) -> fl.Sessions:
+    """The same sessions over only the templates they use. `Sessions.subset` keeps the whole template
+    list, so a fit on the first half would otherwise see the text of templates that occur only in the
+    second half (in the TF-IDF vocabulary and idf): the inductive protocol must not."""
+    used = np.unique(np.concatenate(s.sequences)) if len(s) else np.zeros(0, dtype=np.int64)
+    remap = np.full(len(s.templates), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return fl.Sessions(s.name, [s.templates[i] for i in used], list(s.ids), [remap[q] for q in s.sequences],
+                       None if s.labels is None else s.labels.copy(), dict(s.stats))
+
+
+def labeled(s: fl.Sessions) -> fl.Sessions:
+    """A source's labeled sessions (what FusionLog.fit keeps of a source)."""
+    return s.subset(np.flatnonzero(s.labels >= 0))
+
+
+def metrics(y_true, y_pred) -> dict:
+    m = fl.evaluate(y_true, y_pred)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the FusionLog systems (public API only)
+
+
+def make_config(system: str, seed: int) -> fl.FusionLogConfig:
+    c = fl.FusionLogConfig()  # fresh per system: the dataclass default factories give fresh sub-configs
+    c.meta.seed = c.distill.seed = seed
+    if system == "no_router":
+        c.tau = 2.0  # above any cosine: nothing is "general", every session goes to the proprietary branch
+                     # (router.route refuses a non-finite tau)
+    elif system == "one_round":
+        c.distill.rounds = 1
+    return c
+
+
+def make_client(args, cache: distill.AnswerCache | None) -> distill.ChatClient:
+    return distill.ChatClient(base_url=args.llm_url, model=args.llm_model, response_format=args.response_format,
+                              cache=cache, logprobs=args.logprobs, timeout=args.llm_timeout)
+
+
+def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str) -> dict:
+    client = None if system == "sm_only" else make_client(args, cache)
+    model = fl.FusionLog(make_config(system, args.seed), client, progress=lambda m: say(f"{tag} {system}: {m}"))
+    t = time.perf_counter()
+    report = model.fit(sources, fit)
+    t_fit = time.perf_counter() - t
+    t = time.perf_counter()
+    pred = model.predict(test)
+    t_pred = time.perf_counter() - t
+    out = metrics(test.labels, pred.labels)
+    out.update(seconds=round(t_fit + t_pred, 3), predict_seconds=round(t_pred, 3),
+               stage_seconds=report["seconds"], llm_calls=report["llm_calls"], llm_cached=report["llm_cached"],
+               llm_faults=report["llm_faults"], rounds=len(report["rounds"]),
+               proprietary=report["proprietary"], general=report["general"],
+               distinct_proprietary_sets=report["distinct_proprietary_sets"])
+    return out
+
+
+def source_pool(sources: list[fl.Sessions], embedder: router.TfidfEmbedder) -> distill.ExamplePool:
+    """The retrieval pool FusionLog's distillation starts from: one example per distinct source template-set,
+    labeled by the majority of its sessions."""
+    texts, rows, labels = [], [], []
+    for s in sources:
+        svecs = router.session_vectors(s.sequences, embedder.transform(s.templates))
+        seen: dict[tuple, list[int]] = {}
+        for i, seq in enumerate(s.sequences):
+            seen.setdefault(fl.template_set_key(s.templates, seq), []).append(i)
+        for idx in seen.values():
+            texts.append(fl.templates_with_counts(s.templates, s.sequences[idx[0]]))
+            rows.append(svecs[idx[0]])
+            labels.append(int(round(float(s.labels[idx].mean()))))
+    return distill.ExamplePool(texts, sp.vstack(rows).tocsr(), np.array(labels, dtype=np.int64))
+
+
+def run_llm_only(args, cache, sources, test, tag: str) -> dict:
+    """The LLM alone: one question per distinct template-set of the scored sessions, with the prompts and
+    retrieval distillation's first round uses; every session of a set gets the set's answer."""
+    t = time.perf_counter()
+    dc = distill.DistillConfig()
+    client = make_client(args, cache)
+    embedder = router.TfidfEmbedder().fit([x for s in sources for x in s.templates] + list(test.templates))
+    pool = source_pool(sources, embedder)
+    keys = [fl.template_set_key(test.templates, q) for q in test.sequences]
+    group_of: dict[tuple, int] = {}
+    group = np.array([group_of.setdefault(k, len(group_of)) for k in keys], dtype=np.int64)
+    first = np.zeros(len(group_of), dtype=np.int64)  # the first session of each set is its question
+    first[group[::-1]] = np.arange(len(test))[::-1]
+    questions = [fl.templates_with_counts(test.templates, test.sequences[i]) for i in first]
+    qvecs = router.session_vectors([test.sequences[i] for i in first], embedder.transform(test.templates))
+    if dc.k_examples > 0 and len(pool.texts):
+        idx, sims = distill.retrieve(qvecs, pool.vecs, dc.k_examples + 1, return_scores=True)
+    else:
+        idx = sims = np.zeros((len(questions), 0))
+    prompts = []
+    for g, question in enumerate(questions):
+        chosen = [int(j) for j, s in zip(idx[g], sims[g]) if s >= dc.min_similarity][: dc.k_examples]
+        shots = [(pool.texts[j], int(pool.labels[j])) for j in reversed(chosen)]  # the closest last
+        prompts.append(distill.build_messages(question, shots, max_templates=dc.max_templates,
+                                              example_templates=dc.example_templates))
+    n_cached = sum(client.cached(m) is not None for m in prompts)
+    say(f"{tag} llm_only: {len(prompts)} distinct template-sets, {n_cached} answers cached")
+
+    def ask(messages):
+        try:
+            return client.answer(messages)
+        except distill.LLMError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, dc.concurrency)) as ex:
+        answers = list(ex.map(ask, prompts))
+    failed = sum(not isinstance(a, distill.Answer) for a in answers)
+    set_label = np.array([a.label if isinstance(a, distill.Answer) else 0 for a in answers], dtype=np.int8)
+    out = metrics(test.labels, set_label[group])
+    out.update(seconds=round(time.perf_counter() - t, 3), llm_calls=len(prompts) - n_cached - failed,
+               llm_cached=n_cached, llm_failed=failed, llm_faults=dict(client.faults),
+               distinct_sets=len(prompts), sets_called_anomalous=int(set_label.sum()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# unsupervised peers, loglizer style: event count vectors of the target's own templates
+
+
+def count_matrix(s: fl.Sessions, columns: dict[str, int]) -> np.ndarray:
+    """(sessions, events) occurrence counts; templates that are not a column are dropped, as loglizer's
+    FeatureExtractor.transform drops events unseen in fitting (its default oov=False)."""
+    col = np.array([columns.get(t, -1) for t in s.templates], dtype=np.int64)
+    X = np.zeros((len(s), len(columns)))
+    for i, q in enumerate(s.sequences):
+        c = col[q]
+        np.add.at(X[i], c[c >= 0], 1.0)
+    return X
+
+
+class LoglizerPCA:
+    """loglizer's PCA detector (logpai/loglizer, models/PCA.py + preprocessing.FeatureExtractor with
+    term_weighting='tf-idf', normalization='zero-mean'): project onto the residual of the principal
+    components that keep 95% of the variance; a session is anomalous if its squared prediction error (SPE)
+    exceeds the Q-statistic threshold (Jackson & Mudholkar) at c_alpha = 3.2905 (alpha = 0.001)."""
+
+    def __init__(self, n_components: float = 0.95, c_alpha: float = 3.2905):
+        self.n_components, self.c_alpha = n_components, c_alpha
+
+    def fit(self, counts: np.ndarray) -> "LoglizerPCA":
+        n, d = counts.shape
+        df = (counts > 0).sum(axis=0)
+        self.idf = np.log(n / (df + 1e-8))                      # loglizer's tf-idf (no smoothing)
+        X = counts * self.idf
+        self.mean = X.mean(axis=0)
+        X = X - self.mean                                       # zero-mean
+        cov = X.T @ X / float(n)                                # (d, d)
+        U, sigma, _ = np.linalg.svd(cov)
+        k = self.n_components
+        if k < 1:                                               # smallest k reaching the variance share
+            share = np.cumsum(sigma) / max(sigma.sum(), 1e-300)
+            k = int(np.searchsorted(share, k) + 1) if sigma.sum() > 0 else d
+        k = min(int(k), d)
+        P = U[:, :k]
+        self.k = k
+        self.proj = np.eye(d) - P @ P.T                         # onto the residual subspace
+        phi = [float(np.sum(sigma[k:] ** (i + 1))) for i in range(3)]
+        if phi[0] <= 0 or phi[1] <= 0:                          # no residual variance: nothing can exceed it
+            self.threshold = math.inf
+        else:
+            h0 = 1.0 - 2 * phi[0] * phi[2] / (3.0 * phi[1] * phi[1])
+            self.threshold = phi[0] * np.power(self.c_alpha * np.sqrt(2 * phi[1] * h0 * h0) / phi[0]
+                                               + 1.0 + phi[1] * h0 * (h0 - 1) / (phi[0] * phi[0]), 1.0 / h0)
+            if not np.isfinite(self.threshold):
+                self.threshold = math.inf
+        return self
+
+    def predict(self, counts: np.ndarray) -> np.ndarray:
+        Y = (counts * self.idf - self.mean) @ self.proj.T       # residual of each session
+        spe = np.einsum("ij,ij->i", Y, Y)
+        return (spe > self.threshold).astype(np.int8)
+
+
+def run_peer(system: str, fit: fl.Sessions, test: fl.Sessions, seed: int) -> dict:
+    t = time.perf_counter()
+    columns = {x: j for j, x in enumerate(dict.fromkeys(fit.templates[i] for q in fit.sequences
+                                                         for i in np.unique(q).tolist()))}
+    X_fit, X_test = count_matrix(fit, columns), count_matrix(test, columns)
+    extra = {}
+    if system == "isolation_forest":
+        from sklearn.ensemble import IsolationForest  # the bench extra; never imported by the library
+        model = IsolationForest(n_estimators=100, contamination=0.03, random_state=seed).fit(X_fit)
+        pred = (model.predict(X_test) < 0).astype(np.int8)      # sklearn: -1 outlier, 1 inlier
+    else:
+        model = LoglizerPCA().fit(X_fit)
+        pred = model.predict(X_test)
+        extra = dict(components=model.k, spe_threshold=round(float(model.threshold), 4))
+    out = metrics(test.labels, pred)
+    out.update(seconds=round(time.perf_counter() - t, 3), events=len(columns), **extra)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# one target (runs in its own process)
+
+
+def run_target(args, target_name: str) -> dict:
+    data = Path(args.data)
+    use_llm = args.llm_url != "none"
+    systems = [s for s in args.systems if use_llm or s not in LLM_SYSTEMS]
+    cache = distill.AnswerCache(args.cache) if use_llm and args.cache != "none" else None
+    t = time.perf_counter()
+    source_names = [n for n in TARGETS if n != target_name]
+    say(f"{target_name}: reading target and sources {', '.join(source_names)}")
+    target = read(data, target_name)
+    sources = [read(data, n) for n in source_names]
+    read_seconds = round(time.perf_counter() - t, 3)
+    n = len(target)
+    fit = compact(target.subset(range(n // 2)))
+    test = compact(target.subset(range(n // 2, n)))
+    say(f"{target_name}: {n:,} sessions ({int((target.labels == 1).sum())} anomalous); fit on the first "
+        f"{len(fit):,}, scored on the last {len(test):,} ({int((test.labels == 1).sum())} anomalous); "
+        f"read+parse {read_seconds:.1f}s")
+    src_labeled = [labeled(s) for s in sources]
+
+    res = {"target": target_name, "library": library_version(), "sources": source_names, "sessions": n,
+           "fit_sessions": len(fit),
+           "test_sessions": len(test), "test_anomalous": int((test.labels == 1).sum()),
+           "anomalous": int((target.labels == 1).sum()), "systems": {}, "transductive": {}}
+    protocols = [("inductive", fit, test, res["systems"])]
+    if args.transductive:
+        protocols.append(("transductive", target, target, res["transductive"]))
+    rss_fusionlog = None
+    for protocol, fit_part, test_part, into in protocols:
+        tag = f"{target_name} {protocol}"
+        for system in systems:
+            say(f"{tag}: {system}")
+            if system in ("isolation_forest", "pca"):
+                into[system] = run_peer(system, fit_part, test_part, args.seed)
+            elif system == "llm_only":
+                into[system] = run_llm_only(args, cache, src_labeled, test_part, tag)
+            else:
+                into[system] = run_fusionlog(system, args, cache, sources, fit_part, test_part, tag)
+            m = into[system]
+            say(f"{tag}: {system}: P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
+                f"({m['seconds']:.1f}s" + (f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
+                                           if "llm_calls" in m and system != "sm_only" else "") + ")")
+            if protocol == "inductive" and system in ("fusionlog", "sm_only") and rss_fusionlog is None:
+                rss_fusionlog = peak_rss_mb()  # before scikit-learn is imported for the peers
+
+    main = res["systems"].get("fusionlog") or res["systems"].get("sm_only") or {}
+    stages = main.get("stage_seconds", {})
+    res["method_system"] = "fusionlog" if "fusionlog" in res["systems"] else "sm_only"
+    res["llm_calls"] = main.get("llm_calls", 0)
+    res["llm_cached"] = main.get("llm_cached", 0)
+    res["distinct_proprietary_sets"] = main.get("distinct_proprietary_sets")
+    res["seconds"] = {"read_parse": read_seconds, "embed_route": stages.get("embed_route"),
+                      "meta_train": stages.get("meta_train"), "distill": stages.get("distill"),
+                      "predict": main.get("predict_seconds")}
+    res["llm_calls_all_systems"] = sum(m.get("llm_calls", 0) for part in (res["systems"], res["transductive"])
+                                       for m in part.values())
+    res["llm_cached_all_systems"] = sum(m.get("llm_cached", 0) for part in (res["systems"], res["transductive"])
+                                        for m in part.values() if "llm_calls" in m)
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    res["peak_rss_mb_fusionlog"] = None if rss_fusionlog is None else round(rss_fusionlog, 1)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# the parent: machine, LLM, children, merge, markdown
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram, "os": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def library_version() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *LIBRARY_FILES],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not dirty:
+        return head or "unknown"
+    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in LIBRARY_FILES)).hexdigest()[:8]
+    return f"{head or 'unknown'} + uncommitted library changes (files sha256 {digest})"
+
+
+def server_models(url: str, model: str, wait: float = 300.0) -> list[str]:
+    """The server's model ids (GET /models). ChatClient.check() gives up after 10 s, but llama-cpp-python
+    answers nothing, not even /models, while it generates for another client: wait for it longer."""
+    client = distill.ChatClient(base_url=url, model=model)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return client.check()
+        except distill.LLMUnavailable as e:
+            if "did not answer" not in str(e) or time.monotonic() > deadline:
+                raise
+            say(f"{e}; busy? waiting")
+
+
+LOCAL_ALIAS = "local"  # the model id bench/local_llm.sh serves
+
+
+def local_model_file() -> str:
+    """The GGUF file bench/local_llm.sh serves (its MODEL_FILE_NAME), for the record."""
+    try:
+        for line in (ROOT / "bench" / "local_llm.sh").read_text().splitlines():
+            if line.startswith("readonly MODEL_FILE_NAME="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return "its model"
+
+
+def describe_llm(args, fake: bool) -> dict:
+    if args.llm_url == "none":
+        return {"url": "none", "models": [], "model": "none (LLM systems skipped)"}
+    models = server_models(args.llm_url, args.llm_model)
+    name = ("fake keyword-rule teacher of test_fusionlog.py (FakeLLM), not a real LLM" if fake
+            else args.llm_name or ", ".join(models) or args.llm_model)
+    if not fake and not args.llm_name and models == [LOCAL_ALIAS] and args.llm_url.rstrip("/") == fl.DEFAULT_LLM_URL:
+        name = f"'{LOCAL_ALIAS}' as served by bench/local_llm.sh: {local_model_file()} on llama-cpp-python"
+    return {"url": "fake" if fake else args.llm_url, "models": models, "model": name,
+            "logprobs": args.logprobs, "response_format": args.response_format}
+
+
+def child_argv(args, target: str, out: str) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--target", target, "--child-json", out,
+            "--data", args.data, "--llm-url", args.llm_url, "--llm-model", args.llm_model,
+            "--response-format", args.response_format, "--cache", args.cache, "--seed", str(args.seed),
+            "--llm-timeout", str(args.llm_timeout),
+            "--systems", ",".join(args.systems),
+            "--logprobs" if args.logprobs else "--no-logprobs",
+            "--transductive" if args.transductive else "--no-transductive"]
+    return argv
+
+
+def fmt(x, digits=3) -> str:
+    return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+SYSTEM_NOTES = {
+    "fusionlog": "the full method: TF-IDF router, small MLP meta-learned by first-order MAML over the sources, "
+                 "multi-round LLM <-> small-model distillation on the proprietary sessions",
+    "sm_only": "the meta-learned small model alone, no LLM and no distillation",
+    "llm_only": "the same LLM and prompts asked about every distinct template-set of the scored sessions; "
+                "each session gets its set's answer (no small model)",
+    "no_router": "FusionLog with every target session treated as proprietary (tau = 2, above any cosine)",
+    "one_round": "FusionLog with a single distillation round",
+    "isolation_forest": "scikit-learn IsolationForest(n_estimators=100, contamination=0.03) on template "
+                        "count vectors of the target, as in loglizer's demo",
+    "pca": "loglizer's PCA detector (Xu et al., SOSP 2009) in numpy: tf-idf weighted, zero-mean count "
+           "vectors, residual of the components keeping 95% of the variance, SPE above the Q-statistic "
+           "threshold at c_alpha = 3.2905",
+}
+
+
+def render_md(results: dict) -> str:
+    mc, llm = results["machine"], results["llm"]
+    lines = [
+        "# FusionLog benchmark",
+        "",
+        f"Generated by `{results['command']}` on {results['date']}; do not edit by hand.",
+        "",
+        f"- Machine: {mc['cpu']}, {mc['cores']} cores, {fmt(mc['ram_gb'], 1)} GB RAM; "
+        f"Python {mc['python']}, numpy {mc['numpy']}",
+        f"- LLM: {llm['model']}" + ("" if llm["url"] == "none" else
+                                   ("" if llm["url"] == "fake" else f" at {llm['url']}")
+                                   + f"; temperature 0, logprobs {'on' if llm.get('logprobs') else 'off'}, "
+                                   f"response format {llm.get('response_format')}"),
+        f"- Library: commit {results['library']}; seed {results['seed']}",
+        f"- Data: LogHub samples (HDFS 2% of blocks, BGL_2k in windows of 20 lines, OpenStack nova), "
+        f"see `../shared/data/README.md`",
+        "",
+        "**Protocol.** For each target, the other two systems are the labeled sources. The target's sessions "
+        "are ordered by first appearance; FusionLog fits on the first half (routing, every LLM call, "
+        "distillation) and every system is scored on the second half, which no LLM and no fit saw. The "
+        "transductive column fits and scores on all of the target. Target labels are used only for scoring. "
+        "Precision, recall and F1 are of the anomalous class.",
+        "",
+    ]
+    for name, r in results["targets"].items():
+        lines += [f"## {name} (sources: {', '.join(r['sources'])})", "",
+                  f"{r['sessions']:,} sessions ({r['anomalous']:,} anomalous); fit on the first "
+                  f"{r['fit_sessions']:,} ({r['anomalous'] - r['test_anomalous']:,} anomalous), scored on the "
+                  f"last {r['test_sessions']:,} ({r['test_anomalous']:,} anomalous).", "",
+                  "| system | precision | recall | F1 | F1 transductive |", "|---|---|---|---|---|"]
+        for system in SYSTEMS:
+            m = r["systems"].get(system)
+            if m is None:
+                continue
+            tr = r.get("transductive", {}).get(system)
+            bold = "**" if system == "fusionlog" else ""
+            lines.append(f"| {bold}{system}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                         f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
+        lines.append("")
+    lines += ["## Costs", "",
+              f"LLM questions of `{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` "
+              "in the inductive fit (new calls / answered from the cache), the number of distinct proprietary "
+              "template-sets (the ceiling on useful questions), seconds per stage of that fit, and the peak RSS "
+              "of the whole target run (all systems, scikit-learn included) and of FusionLog alone (before "
+              "the peers ran). `llm_only` asks one question per distinct template-set it labels; its wall "
+              "time per new call is the LLM's latency here (requests are not cached twice).", "",
+              "| target | LLM calls | cached | distinct proprietary sets | llm_only calls (cached) | "
+              "all systems' calls (cached) | s per new call | read+parse s | embed+route s | meta-train s | "
+              "distill s | predict s | peak RSS MB (FusionLog alone) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["targets"].items():
+        s = r["seconds"]
+        lo = r["systems"].get("llm_only")
+        lines.append(f"| {name} | {r['llm_calls']} | {r['llm_cached']} | {fmt(r['distinct_proprietary_sets'])} | "
+                     + (f"{lo['llm_calls']} ({lo['llm_cached']})" if lo else "-") + " | "
+                     f"{r['llm_calls_all_systems']} ({r['llm_cached_all_systems']}) | "
+                     + (f"{lo['seconds'] / lo['llm_calls']:.1f}" if lo and lo["llm_calls"] else "-") + " | "
+                     + " | ".join(fmt(s.get(k), 2) for k in STAGES)
+                     + f" | {r['peak_rss_mb']:.0f} ({fmt(r['peak_rss_mb_fusionlog'], 0)}) |")
+    if results.get("pending_targets"):
+        lines += ["", f"**Partial**: not run yet: {', '.join(results['pending_targets'])}."]
+    lines += ["", f"Wall time of the whole benchmark: {results['wall_seconds'] / 60:.1f} min. "
+              "A rerun answers repeated prompts from the LLM cache, so its call counts can be lower.", "",
+              "## Systems", ""]
+    lines += [f"- `{k}`: {v}." for k, v in SYSTEM_NOTES.items()]
+    lines += ["", "The peers use the target's own templates (this library's regex masking, not Drain) as "
+              "events: columns are the events seen in the fitted sessions; an event seen only in scored "
+              "sessions is dropped, as loglizer's `FeatureExtractor` does by default. They see no source "
+              "system and no label.", ""]
+    return "\n".join(lines)
+
+
+def splice_readme(readme: Path, md: str, md_path: str) -> bool:
+    """Replace README's text between the markers with the table, if README has the markers."""
+    start, end = "<!-- bench/RESULTS.md: start -->", "<!-- bench/RESULTS.md: end -->"
+    if not readme.exists():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        return False
+    body = md.split("\n", 2)[2] if md.startswith("# ") else md  # the README has its own heading
+    new = text[: text.index(start) + len(start)] + f"\n<!-- generated from {md_path} by bench/bench.py -->\n" \
+        + body.rstrip() + "\n" + text[text.index(end):]
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return True
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared LogHub samples")
+    p.add_argument("--llm-url", default=fl.DEFAULT_LLM_URL,
+                   help="OpenAI-compatible base URL; 'fake' = the test suite's fake server; 'none' = skip the "
+                        "LLM systems")
+    p.add_argument("--llm-model", default=None, help="model name sent to the server (default 'local', "
+                                                      f"'{FAKE_MODEL}' with --llm-url fake)")
+    p.add_argument("--llm-name", default=None, help="how RESULTS.md names the LLM (default: the server's "
+                                                     "model ids from GET /models)")
+    p.add_argument("--response-format", default="json_object_schema",
+                   choices=["json_object_schema", "json_schema", "none"])
+    p.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=False,
+                   help="ask for token log-probabilities (p(anomalous) as the LLM's confidence in fusion); off "
+                        "by default, as in 'fusionlog run': on a 2-core CPU they make each call far slower")
+    p.add_argument("--llm-timeout", type=float, default=300.0,
+                   help="seconds per LLM request attempt (a busy CPU server queues requests)")
+    p.add_argument("--cache", default=None, help="LLM answer cache, JSONL ('none' = off; default "
+                                                 "bench/.cache/answers.jsonl, bench/.cache/fake-answers.jsonl "
+                                                 "with --llm-url fake)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated systems")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    p.add_argument("--md", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"),
+                   help="README to refresh between '<!-- bench/RESULTS.md: start -->' and '... end -->' "
+                        "markers, if it has them ('none' = never)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit and score every system on all of the target")
+    p.add_argument("--target", default=None, help=argparse.SUPPRESS)      # child: run one target
+    p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)  # child: write its result here
+    args = p.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for s in args.systems:
+        if s not in SYSTEMS:
+            p.error(f"--systems: unknown system {s!r} (known: {', '.join(SYSTEMS)})")
+    for t in args.targets + ([args.target] if args.target else []):
+        if t not in TARGETS:
+            p.error(f"--targets: unknown target {t!r} (known: {', '.join(TARGETS)})")
+    fake = args.llm_url == "fake"
+    if args.llm_model is None:
+        args.llm_model = FAKE_MODEL if fake else "local"
+    if args.cache is None:
+        args.cache = str(ROOT / "bench" / ".cache" / ("fake-answers.jsonl" if fake else "answers.jsonl"))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.target:  # child
+        res = run_target(args, args.target)
+        with open(args.child_json, "w", encoding="utf-8") as f:
+            json.dump(res, f)
+        return 0
+
+    missing = [str(Path(args.data) / FILES[t][0]) for t in TARGETS if not (Path(args.data) / FILES[t][0]).exists()]
+    if missing:
+        print(f"bench: error: data not found: {', '.join(missing)} (give --data, the folder of the LogHub "
+              f"samples)", file=sys.stderr)
+        return 2
+    if "isolation_forest" in args.systems:
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            print("bench: error: the isolation_forest peer needs scikit-learn: pip install -e '.[bench]'",
+                  file=sys.stderr)
+            return 2
+    command = "python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    fake_server = None
+    if args.llm_url == "fake":
+        try:
+            from test_fusionlog import FakeLLM  # needs the test extra (pytest)
+        except ImportError as e:
+            print(f"bench: error: --llm-url fake needs the test suite's FakeLLM ({e}); pip install -e '.[test]'",
+                  file=sys.stderr)
+            return 2
+        fake_server = FakeLLM().start()
+        args.llm_url = fake_server.url
+    started = time.perf_counter()
+    try:
+        try:
+            llm = describe_llm(args, fake_server is not None)
+        except distill.LLMUnavailable as e:
+            print(f"bench: error: {e}; start one with 'bench/local_llm.sh start', or use --llm-url fake / none",
+                  file=sys.stderr)
+            return 2
+        say(f"LLM: {llm['model']}")
+        targets: dict = {}
+        md = ""
+        with tempfile.TemporaryDirectory(prefix="fusionlog-bench-") as tmp:
+            for t in args.targets:
+                out = os.path.join(tmp, f"{t}.json")
+                rc = subprocess.run(child_argv(args, t, out)).returncode
+                if rc != 0:
+                    print(f"bench: error: the run for target {t} failed (exit {rc}); see its messages above",
+                          file=sys.stderr)
+                    return 1
+                with open(out, encoding="utf-8") as f:
+                    targets[t] = json.load(f)
+                md = write_outputs(args, command, llm, targets, started)  # after each target: a long run that
+                                                                          # is stopped keeps what it measured
+    finally:
+        if fake_server is not None:
+            say(f"fake LLM served {fake_server.requests} chat requests")
+            fake_server.stop()
+    print(md)
+    return 0
+
+
+def write_outputs(args, command: str, llm: dict, targets: dict, started: float) -> str:
+    """results.json and RESULTS.md for the targets done so far (README too, if it has the markers)."""
+    pending = [t for t in args.targets if t not in targets]
+    results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
+               "machine": machine(), "llm": llm, "seed": args.seed,
+               "library": "; ".join(dict.fromkeys(r["library"] for r in targets.values())) or library_version(),
+               "protocol": "target sessions in first-appearance order; fit on the first half, scored on the "
+                           "second half; transductive: fit and scored on all",
+               "wall_seconds": round(time.perf_counter() - started, 1), "pending_targets": pending,
+               "targets": targets}
+    for path in (args.out, args.md):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    md = render_md(results)
+    Path(args.md).write_text(md, encoding="utf-8")
+    spliced = (not pending and args.readme != "none"
+               and splice_readme(Path(args.readme), md, os.path.relpath(args.md, ROOT)))
+    say(f"wrote {args.out} and {args.md}" + (f" (still to run: {', '.join(pending)})" if pending else "")
+        + (f"; refreshed {args.readme}" if spliced else ""))
+    return md
+
+
+if __name__ == "__main__":
+    sys.exit(main())
