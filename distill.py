@@ -405,6 +405,10 @@ class ChatClient:
                     status = resp.status_code
                     if status == 200:
                         return []
+        except requests.ReadTimeout:
+            # connected, but no answer yet: a busy server (llama.cpp's answers nothing, not even /models,
+            # while it serves another client). It is there; the real calls have their own timeout and retries.
+            return []
         except requests.Timeout:
             raise LLMUnavailable(f"LLM server at {self.base_url} did not answer within {timeout:g} s") from None
         except requests.RequestException as e:

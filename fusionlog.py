@@ -686,6 +686,8 @@ def cmd_run(args, progress) -> int:
         config.distill.concurrency = args.concurrency
     if args.margin is not None:
         config.distill.margin = args.margin
+    if args.budget_share is not None:
+        config.distill.budget_share = args.budget_share
     client = None
     if args.llm_url != "none":
         cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
@@ -796,8 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     alg.add_argument("--budget", type=int, default=None, help="max LLM questions in this run")
     alg.add_argument("--concurrency", type=int, default=None, help="LLM requests in flight")
     alg.add_argument("--margin", type=float, default=None,
-                     help=f"ask the LLM about template-sets whose small-model score is within this of 0.5 "
-                          f"(default {distill.DistillConfig.margin}; above 0.5 = all of them, budget allowing)")
+                     help=f"the small model is sure of a set when its score is at least this far from 0.5; only "
+                          f"then may it pseudo-label a set the LLM was not asked about (default "
+                          f"{distill.DistillConfig.margin})")
+    alg.add_argument("--budget-share", type=float, default=None,
+                     help=f"ask the LLM about at most this share of the distinct proprietary template-sets, "
+                          f"least sure first (default {distill.DistillConfig.budget_share}; 1 = every set)")
     alg.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
     pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",

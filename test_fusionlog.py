@@ -574,6 +574,7 @@ class FakeLLM:
     def __init__(self, logprobs: bool = True, models_404: bool = False):
         self.logprobs = logprobs        # answer "logprobs": true with OpenAI-style token log-probabilities
         self.models_404 = models_404    # GET /v1/models answers 404 (as some servers do)
+        self.models_delay = 0.0         # seconds before GET /v1/models answers (a busy server)
         self.requests = 0               # chat requests received
         self.model_requests = 0         # GET /v1/models received
         self.bodies: list[dict] = []    # JSON bodies of the chat requests, in order
@@ -603,6 +604,7 @@ class FakeLLM:
             def do_GET(self):
                 with fake._lock:
                     fake.model_requests += 1
+                time.sleep(fake.models_delay)
                 if self.path.rstrip("/") == "/v1/models" and not fake.models_404:
                     self._send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
                 else:
@@ -902,6 +904,9 @@ def test_check(fake_llm):
     with pytest.raises(LLMUnavailable) as e:
         ChatClient(fake_llm.url).check()
     assert "401" in str(e.value) and fake_llm.url in str(e.value)
+    # connected but busy (llama.cpp answers nothing while it serves another client): there, not down
+    fake_llm.models_404, fake_llm.models_delay = False, 0.5
+    assert ChatClient(fake_llm.url, timeout=0.1).check() == []
 
 
 # -----------------------------------------------------------------------------
@@ -1801,11 +1806,11 @@ def many_sets_target(tmp_path, n=120, sets=40):
 
 
 def llm_run_args(p, target, out, url, extra=()):
-    """`fusionlog run` with the LLM asked about every template-set (margin above 0.5), outputs in `out`."""
+    """`fusionlog run` with the LLM asked about every template-set (--budget-share 1), outputs in `out`."""
     return (["-q", "run", "--source", f"web={p['web']}", "--labels", f"web={p['web_labels']}",
              "--source", f"db={p['db']}", "--target", f"HDFS={target}", "--llm-url", url,
              "--cache", str(out / "cache.jsonl"), "--out", str(out / "pred.csv"),
-             "--model-out", str(out / "model.npz"), "--report", str(out / "report.json"), "--margin", "0.6"]
+             "--model-out", str(out / "model.npz"), "--report", str(out / "report.json"), "--budget-share", "1"]
             + spec_flags("web", WEB_SPEC) + spec_flags("db", DB_SPEC) + list(extra))
 
 

@@ -11,15 +11,17 @@ Systems, all scored with precision / recall / F1 of the anomalous class on the s
     fusionlog         the full method (router -> meta-learned small model -> LLM <-> SM distillation)
     sm_only           the meta-learned small model alone (no LLM, no distillation)
     llm_only          the same LLM and prompts labeling each test template-set directly (no small model)
-    no_router         every target session treated as proprietary (tau = inf)
+    no_router         every target session treated as proprietary (tau = 2, above any cosine)
     one_round         distillation stopped after a single round
     isolation_forest  scikit-learn IsolationForest on template count vectors (loglizer's demo settings)
     pca               loglizer's PCA detector (Xu et al., SOSP'09), re-implemented in numpy below
 
 Each target runs in its own subprocess (`--target NAME`) so its peak RSS is its own; the parent merges the
-results into --out (JSON) and --md (markdown, the table README shows). Progress goes to stderr, the table
-to stdout at the end. `--llm-url fake` serves the test suite's keyword-rule fake LLM for a dry run;
-`--llm-url none` skips the LLM systems.
+results into --out (JSON) and --md (markdown), rewritten after each target, and refreshes README between
+its `<!-- bench/RESULTS.md: start/end -->` markers. Progress goes to stderr, the table to stdout at the end.
+`--llm-url fake` serves the test suite's keyword-rule fake LLM for a dry run; `--llm-url none` skips the LLM
+systems; `--from-json bench/results.json` only re-renders the markdown. Every LLM answer is cached
+(bench/.cache/answers.jsonl), so a rerun asks only prompts it has not seen.
 
 scikit-learn is a peer, not a dependency: it comes with the optional `bench` extra
 (pip install -e '.[bench]') and is imported only here, only for the isolation_forest peer.
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -499,29 +502,32 @@ def render_md(results: dict) -> str:
                          f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
         lines.append("")
     lines += ["## Costs", "",
-              f"LLM questions of `{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` "
-              "in the inductive fit (new calls / answered from the cache), the number of distinct proprietary "
-              "template-sets (the ceiling on useful questions), seconds per stage of that fit, and the peak RSS "
-              "of the whole target run (all systems, scikit-learn included) and of FusionLog alone (before "
-              "the peers ran). `llm_only` asks one question per distinct template-set it labels; its wall "
-              "time per new call is the LLM's latency here (requests are not cached twice).", "",
-              "| target | LLM calls | cached | distinct proprietary sets | llm_only calls (cached) | "
-              "all systems' calls (cached) | s per new call | read+parse s | embed+route s | meta-train s | "
+              "LLM questions asked (of them, new calls this run; the rest came from the answer cache) by "
+              f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
+              "fit, by `llm_only` (one per distinct template-set it labels) and by all systems of the run "
+              "together; the number of distinct proprietary template-sets of the fit half (the ceiling on useful "
+              "questions); the LLM's latency (`llm_only` wall time per new call); seconds per stage of the "
+              "inductive FusionLog fit; peak RSS of the whole target run (all systems, scikit-learn included) "
+              "and of FusionLog alone (before the peers ran).", "",
+              "| target | FusionLog questions (new) | distinct proprietary sets | llm_only questions (new) | "
+              "all systems' questions (new) | s per new call | read+parse s | embed+route s | meta-train s | "
               "distill s | predict s | peak RSS MB (FusionLog alone) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["targets"].items():
         s = r["seconds"]
         lo = r["systems"].get("llm_only")
-        lines.append(f"| {name} | {r['llm_calls']} | {r['llm_cached']} | {fmt(r['distinct_proprietary_sets'])} | "
-                     + (f"{lo['llm_calls']} ({lo['llm_cached']})" if lo else "-") + " | "
-                     f"{r['llm_calls_all_systems']} ({r['llm_cached_all_systems']}) | "
+        lines.append(f"| {name} | {r['llm_calls'] + r['llm_cached']} ({r['llm_calls']}) | "
+                     f"{fmt(r['distinct_proprietary_sets'])} | "
+                     + (f"{lo['llm_calls'] + lo['llm_cached']} ({lo['llm_calls']})" if lo else "-") + " | "
+                     f"{r['llm_calls_all_systems'] + r['llm_cached_all_systems']} ({r['llm_calls_all_systems']}) | "
                      + (f"{lo['seconds'] / lo['llm_calls']:.1f}" if lo and lo["llm_calls"] else "-") + " | "
                      + " | ".join(fmt(s.get(k), 2) for k in STAGES)
                      + f" | {r['peak_rss_mb']:.0f} ({fmt(r['peak_rss_mb_fusionlog'], 0)}) |")
     if results.get("pending_targets"):
         lines += ["", f"**Partial**: not run yet: {', '.join(results['pending_targets'])}."]
-    lines += ["", f"Wall time of the whole benchmark: {results['wall_seconds'] / 60:.1f} min. "
-              "A rerun answers repeated prompts from the LLM cache, so its call counts can be lower.", "",
+    lines += ["", f"Wall time of this run: {results['wall_seconds'] / 60:.1f} min. A rerun answers repeated "
+              "prompts from the LLM cache (bench/.cache/answers.jsonl): its new calls and time can be lower, "
+              "the questions and the detection numbers stay the same.", "",
               "## Systems", ""]
     lines += [f"- `{k}`: {v}." for k, v in SYSTEM_NOTES.items()]
     lines += ["", "The peers use the target's own templates (this library's regex masking, not Drain) as "
@@ -540,6 +546,9 @@ def splice_readme(readme: Path, md: str, md_path: str) -> bool:
     if start not in text or end not in text:
         return False
     body = md.split("\n", 2)[2] if md.startswith("# ") else md  # the README has its own heading
+    above = [ln for ln in text[: text.index(start)].splitlines() if re.match(r"#+ ", ln)]
+    shift = max(0, len(above[-1].split(" ", 1)[0]) - 1) if above else 0  # nest "## X" under README's last heading
+    body = "\n".join("#" * shift + ln if re.match(r"#+ ", ln) else ln for ln in body.splitlines())
     new = text[: text.index(start) + len(start)] + f"\n<!-- generated from {md_path} by bench/bench.py -->\n" \
         + body.rstrip() + "\n" + text[text.index(end):]
     if new != text:
@@ -578,6 +587,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit and score every system on all of the target")
+    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
+                   help="run nothing: render an earlier run's results.json into --md (and README)")
     p.add_argument("--target", default=None, help=argparse.SUPPRESS)      # child: run one target
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)  # child: write its result here
     args = p.parse_args(argv)
@@ -599,6 +610,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:  # re-render only
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        md = render_md(results)
+        Path(args.md).write_text(md, encoding="utf-8")
+        spliced = args.readme != "none" and splice_readme(Path(args.readme), md, os.path.relpath(args.md, ROOT))
+        say(f"rendered {args.from_json} into {args.md}" + (f" and {args.readme}" if spliced else ""))
+        print(md)
+        return 0
     if args.target:  # child
         res = run_target(args, args.target)
         with open(args.child_json, "w", encoding="utf-8") as f:
