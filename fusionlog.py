@@ -781,9 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--response-format", default="json_object_schema",
                      choices=["json_object_schema", "json_schema", "none"],
                      help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: parse free text")
-    llm.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=True,
+    llm.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=False,
                      help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
-                          "confidence than the one a small model states; servers without them still work")
+                          "confidence than the one a small model states (0.9 on every answer); off by default "
+                          "because llama-cpp-python then takes ~3x longer per call; servers without them still work")
     llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds to wait for one answer")
     llm.add_argument("--llm-retries", type=int, default=3,
                      help="retries of a failed request (timeout, connection, HTTP 429/5xx); then that "
