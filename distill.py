@@ -20,6 +20,9 @@ Departures from the paper:
 - Examples less similar than `min_similarity` are dropped (cross-system examples mislead a small model);
   target groups on which LLM and SM agree join the example pool, so a disputed group asked again in a
   later round sees in-system examples (never itself).
+- The LLM is asked about the SM's least sure groups first, at most `budget_share` (half) of the groups per
+  run, and the budget is spent even when the SM is sure of everything (a source-trained SM can be sure
+  and wrong on a new system).
 - Groups the LLM never answered keep the SM's own label with a low weight when the SM is confident.
 - The SM is passed in as two functions (default: metamodel.py), and fine-tuning replays labeled source
   sessions next to the pseudo-labels against forgetting.
