@@ -627,7 +627,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
                 if g not in answers or answers[g].label != sm_label[g]]
         jobs, n_cached = [], 0
-        for g, messages in zip(want, _prompts(want, questions, question_vecs, examples, c)):
+        for g, messages in zip(want, prompts(want, questions, question_vecs, examples, c)):
             key = client.key(messages)
             if asked_with.get(g) == key:
                 continue  # the same prompt again would get the same answer
@@ -690,7 +690,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
     return DistillResult(params, answers, rounds, labels[group], weights[group])
 
 
-def _prompts(groups: list[int], questions, question_vecs, pool: ExamplePool, c: DistillConfig) -> list:
+def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool, c: DistillConfig) -> list:
     """RAG prompts: each group's question with its k most similar pool examples (never itself)."""
     if not groups:
         return []

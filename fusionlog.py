@@ -403,6 +403,30 @@ def templates_with_counts(templates: list[str], sequence: np.ndarray) -> list[tu
     return [(templates[uniq[i]], int(counts[i])) for i in order]
 
 
+def group_by_template_set(s: Sessions, index=None) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    """Group sessions (all, or those at `index`) by their distinct template-set: one LLM question each.
+    Returns group (n,) per session, first (G,) the index of each group's first session, keys (G,)."""
+    index = np.arange(len(s)) if index is None else np.asarray(index, dtype=np.int64)
+    group_of: dict[tuple[str, ...], int] = {}
+    group = np.array([group_of.setdefault(template_set_key(s.templates, s.sequences[i]), len(group_of))
+                      for i in index], dtype=np.int64)
+    first = np.zeros(len(group_of), dtype=np.int64)
+    first[group[::-1]] = index[::-1]  # written last to first, so the first session of each group stays
+    return group, first, list(group_of)
+
+
+def example_pool(sources: list[Sessions], source_vecs: list[sp.csr_matrix]) -> distill.ExamplePool:
+    """Retrieval pool: one labeled example per distinct source template-set, with its majority label."""
+    texts, rows, labels = [], [], []
+    for s, svecs in zip(sources, source_vecs):
+        group, first, _ = group_by_template_set(s)
+        majority = np.bincount(group, weights=s.labels) / np.bincount(group) > 0.5  # (G,) a tie is normal
+        texts += [templates_with_counts(s.templates, s.sequences[i]) for i in first]
+        rows.append(svecs[first])
+        labels.append(majority.astype(np.int64))
+    return distill.ExamplePool(texts, sp.vstack(rows).tocsr(), np.concatenate(labels))
+
+
 class FusionLog:
     """Fit on labeled source systems + an unlabeled target; predict with the distilled small model."""
 
@@ -467,41 +491,26 @@ class FusionLog:
 
         rounds: list[dict] = []
         prop = np.flatnonzero(~general)
+        group, first, keys = group_by_template_set(target, prop)  # one LLM question per distinct set
         if self.client is not None and len(prop):
-            params, rounds = self._distill(params, sources, source_feats, target, t_svecs, t_X, prop)
+            params, rounds = self._distill(params, sources, source_feats, target, t_svecs, t_X, prop,
+                                           group, first, keys)
         clock.lap("distill")
         self.params = params
         self.report = {"target": target.name, "sessions": len(target), "general": int(general.sum()),
                        "proprietary": int(len(prop)), "tau": self.config.tau, "rounds": rounds,
-                       "distinct_proprietary_sets": len({template_set_key(target.templates, target.sequences[i])
-                                                         for i in prop}),
+                       "distinct_proprietary_sets": len(keys),
                        "llm_calls": sum(r.get("asked", 0) - r.get("cached", 0) for r in rounds),
                        "llm_cached": sum(r.get("cached", 0) for r in rounds),
                        "llm_faults": dict(self.client.faults) if self.client is not None else {},
                        "seconds": clock.laps}
         return self.report
 
-    def _distill(self, params, sources, source_feats, target, t_svecs, t_X, prop):
+    def _distill(self, params, sources, source_feats, target, t_svecs, t_X, prop, group, first, keys):
         """Proprietary branch: one LLM question per distinct template-set of the proprietary sessions."""
-        keys = [template_set_key(target.templates, target.sequences[i]) for i in prop]
-        group_of: dict[tuple, int] = {}
-        group = np.array([group_of.setdefault(k, len(group_of)) for k in keys], dtype=np.int64)
-        first = np.zeros(len(group_of), dtype=np.int64)  # a representative session per group
-        first[group[::-1]] = prop[::-1]
         questions = [templates_with_counts(target.templates, target.sequences[i]) for i in first]
-        self.progress(f"distillation: {len(prop)} proprietary sessions in {len(group_of)} distinct template-sets")
-
-        # Retrieval pool: one labeled example per distinct source template-set (majority label).
-        texts, vec_rows, labels = [], [], []
-        for s, (_, svecs, _) in zip(sources, source_feats):
-            seen: dict[tuple, list[int]] = {}
-            for i, seq in enumerate(s.sequences):
-                seen.setdefault(template_set_key(s.templates, seq), []).append(i)
-            for idx in seen.values():
-                texts.append(templates_with_counts(s.templates, s.sequences[idx[0]]))
-                vec_rows.append(svecs[idx[0]])
-                labels.append(int(round(float(s.labels[idx].mean()))))
-        pool = distill.ExamplePool(texts, sp.vstack(vec_rows).tocsr(), np.array(labels, dtype=np.int64))
+        self.progress(f"distillation: {len(prop)} proprietary sessions in {len(keys)} distinct template-sets")
+        pool = example_pool(sources, [f[1] for f in source_feats])
         replay = (sp.vstack([f[2] for f in source_feats]).tocsr(),
                   np.concatenate([s.labels.astype(np.int64) for s in sources]))
 
@@ -512,8 +521,7 @@ class FusionLog:
             predict_proba=metamodel.predict_proba,
             fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta_cfg),
             progress=self.progress)
-        keys_by_group = {g: k for k, g in group_of.items()}
-        self.llm_reasons = {keys_by_group[g]: a.reason for g, a in result.answers.items()}
+        self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
         return result.params, result.rounds
 
     def predict(self, s: Sessions) -> Predictions:

@@ -2002,3 +2002,18 @@ def test_any_bytes_read_as_sessions_or_a_valueerror_the_same_every_time(data, sp
             except ValueError as e:
                 results.append(str(e))
         assert results[0] == results[1]
+
+
+def test_group_by_template_set_and_example_pool_by_hand():
+    # sessions 0 and 2 share the set {a, b} (in another order and with other counts); 1 and 3 are alone
+    s = fl.Sessions("x", ["a", "b", "c"], ["s0", "s1", "s2", "s3"],
+                    [np.array([0, 1]), np.array([2]), np.array([1, 0, 0]), np.array([0, 2])],
+                    np.array([1, 0, 0, 1], dtype=np.int8))
+    group, first, keys = fl.group_by_template_set(s)
+    assert group.tolist() == [0, 1, 0, 2] and first.tolist() == [0, 1, 3] and keys[0] == ("a", "b")
+    group, first, keys = fl.group_by_template_set(s, [1, 2, 3])  # a subset keeps the session indices
+    assert group.tolist() == [0, 1, 2] and first.tolist() == [1, 2, 3]
+    pool = fl.example_pool([s], [sp.identity(4, format="csr")])
+    # set {a, b}: labels 1 and 0, a tie, is normal; its example is its first session, with counts
+    assert pool.labels.tolist() == [0, 0, 1] and pool.texts[0] == [("a", 1), ("b", 1)]
+    assert pool.vecs.toarray()[:, :].tolist() == np.eye(4)[[0, 1, 3]].tolist()

@@ -48,7 +48,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
 
 import distill  # noqa: E402
 import fusionlog as fl  # noqa: E402
@@ -150,19 +149,9 @@ def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str) -> dic
 
 
 def source_pool(sources: list[fl.Sessions], embedder: router.TfidfEmbedder) -> distill.ExamplePool:
-    """The retrieval pool FusionLog's distillation starts from: one example per distinct source template-set,
-    labeled by the majority of its sessions."""
-    texts, rows, labels = [], [], []
-    for s in sources:
-        svecs = router.session_vectors(s.sequences, embedder.transform(s.templates))
-        seen: dict[tuple, list[int]] = {}
-        for i, seq in enumerate(s.sequences):
-            seen.setdefault(fl.template_set_key(s.templates, seq), []).append(i)
-        for idx in seen.values():
-            texts.append(fl.templates_with_counts(s.templates, s.sequences[idx[0]]))
-            rows.append(svecs[idx[0]])
-            labels.append(int(round(float(s.labels[idx].mean()))))
-    return distill.ExamplePool(texts, sp.vstack(rows).tocsr(), np.array(labels, dtype=np.int64))
+    """The retrieval pool FusionLog's distillation starts from (fl.example_pool), in this embedding."""
+    return fl.example_pool(sources, [router.session_vectors(s.sequences, embedder.transform(s.templates))
+                                     for s in sources])
 
 
 def run_llm_only(args, cache, sources, test, tag: str) -> dict:
@@ -173,23 +162,10 @@ def run_llm_only(args, cache, sources, test, tag: str) -> dict:
     client = make_client(args, cache)
     embedder = router.TfidfEmbedder().fit([x for s in sources for x in s.templates] + list(test.templates))
     pool = source_pool(sources, embedder)
-    keys = [fl.template_set_key(test.templates, q) for q in test.sequences]
-    group_of: dict[tuple, int] = {}
-    group = np.array([group_of.setdefault(k, len(group_of)) for k in keys], dtype=np.int64)
-    first = np.zeros(len(group_of), dtype=np.int64)  # the first session of each set is its question
-    first[group[::-1]] = np.arange(len(test))[::-1]
+    group, first, _ = fl.group_by_template_set(test)  # the first session of each set is its question
     questions = [fl.templates_with_counts(test.templates, test.sequences[i]) for i in first]
     qvecs = router.session_vectors([test.sequences[i] for i in first], embedder.transform(test.templates))
-    if dc.k_examples > 0 and len(pool.texts):
-        idx, sims = distill.retrieve(qvecs, pool.vecs, dc.k_examples + 1, return_scores=True)
-    else:
-        idx = sims = np.zeros((len(questions), 0))
-    prompts = []
-    for g, question in enumerate(questions):
-        chosen = [int(j) for j, s in zip(idx[g], sims[g]) if s >= dc.min_similarity][: dc.k_examples]
-        shots = [(pool.texts[j], int(pool.labels[j])) for j in reversed(chosen)]  # the closest last
-        prompts.append(distill.build_messages(question, shots, max_templates=dc.max_templates,
-                                              example_templates=dc.example_templates))
+    prompts = distill.prompts(list(range(len(questions))), questions, qvecs, pool, dc)  # as distillation asks
     n_cached = sum(client.cached(m) is not None for m in prompts)
     say(f"{tag} llm_only: {len(prompts)} distinct template-sets, {n_cached} answers cached")
 
