@@ -605,6 +605,8 @@ def _keyed(values: list[str] | None, flag: str) -> dict[str, str]:
         name, sep, rest = v.partition("=")
         if not sep or not name:
             raise ValueError(f"{flag} {v!r}: expected NAME=VALUE")
+        if name in out:
+            raise ValueError(f"{flag}: {name!r} is given twice; name each system once")
         out[name] = rest
     return out
 

@@ -2017,3 +2017,10 @@ def test_group_by_template_set_and_example_pool_by_hand():
     # set {a, b}: labels 1 and 0, a tie, is normal; its example is its first session, with counts
     assert pool.labels.tolist() == [0, 0, 1] and pool.texts[0] == [("a", 1), ("b", 1)]
     assert pool.vecs.toarray()[:, :].tolist() == np.eye(4)[[0, 1, 3]].tolist()
+
+
+def test_a_system_named_twice_is_an_error_not_a_silent_drop(tmp_path, capsys):
+    log = write(tmp_path / "h.log", HDFS_LIKE)
+    assert fl.main(["-q", "run", "--source", f"HDFS={log}", "--source", f"HDFS={log}",
+                    "--target", f"OpenStack={log}", "--llm-url", "none"]) == 2
+    assert "'HDFS' is given twice" in capsys.readouterr().err
