@@ -42,8 +42,10 @@ import scipy.sparse as sp
 # template extraction: one compiled regex, one `sub` pass per line
 
 _HEX = r"[0-9a-fA-F]"
-# a UUID 8-4-4-4-12, or a truncated one: 8 hex (with a digit) then dash groups, as in tapd1e2a3b4-af
-_UUID = rf"{_HEX}(?:(?<=\d)|(?={_HEX}{{0,6}}\d)){_HEX}{{7}}(?:-{_HEX}{{1,4}}){{1,3}}(?:-{_HEX}{{1,12}})?"
+# a full UUID 8-4-4-4-12 (even one whose first group has no digit, as in dcbdffbf-c57a-...), or a
+# truncated one: 8 hex (with a digit) then dash groups, as in tapd1e2a3b4-af
+_UUID = (rf"{_HEX}{{8}}(?:-{_HEX}{{4}}){{3}}-{_HEX}{{12}}(?!\w)"
+         rf"|{_HEX}(?:(?<=\d)|(?={_HEX}{{0,6}}\d)){_HEX}{{7}}(?:-{_HEX}{{1,4}}){{1,3}}(?:-{_HEX}{{1,12}})?")
 # Every alternative is one kind of variable. Order matters (the first alternative that matches at a
 # position wins), so specific shapes come before the catch-all digit run. Every digit is consumed by
 # some alternative, so a template has no digits left; and a lookbehind that refuses to start a variable

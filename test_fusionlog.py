@@ -52,6 +52,7 @@ MASK_CASES = [
     ("[instance: 11760334-ac63-4cc8-9086-578422af8c99] Terminating instance", "[instance: <*>] Terminating instance"),
     ("[req-a4498d64-47bb-491f-adde-effccaba43f0] x", "[req-<*>] x"),
     ("vif_name='tapd1e2a3b4-af'", "vif_name='tap<*>'"),
+    ("[instance: dcbdffbf-c57a-4953-96a3-f30798925613] x", "[instance: <*>] x"),  # no digit in the first group
     ("state deadbeef-cafe-face", "state deadbeef-cafe-face"),  # hex-looking words without a digit stay
     # file paths (>= 2 components); word/word/word is not a path
     ("Deleting block blk_123 file /mnt/hadoop/dfs/data/current/subdir19/blk_123", "Deleting block <*> file <*>"),
