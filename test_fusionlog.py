@@ -449,6 +449,21 @@ def test_fine_tune_moves_toward_pseudo_labels_and_ignores_zero_weights():
     assert not np.allclose(mm.fine_tune(params, X, flipped, np.ones(200), config)["W1"], tuned["W1"])
 
 
+def test_fine_tune_takes_at_least_min_steps_on_a_small_set(monkeypatch):
+    """10 sessions in batches of 128 are one step an epoch: finetune_min_steps sets the number of steps."""
+    rng = np.random.default_rng(7)
+    X, y = sp.csr_matrix(rng.random((10, 4))), np.array([0, 1] * 5)
+    params = mm.init_params(4, (3,), np.random.default_rng(0))
+    calls = []
+    real = mm.loss_and_grads
+    monkeypatch.setattr(mm, "loss_and_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=2, finetune_min_steps=7))
+    assert len(calls) == 7
+    calls.clear()
+    mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=2, finetune_min_steps=0))
+    assert len(calls) == 2                                           # epochs rule when they give more steps
+
+
 # -----------------------------------------------------------------------------
 # persistence
 
