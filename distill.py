@@ -611,7 +611,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
     rng = np.random.default_rng(c.seed)
     answers: dict[int, Answer] = {}
     asked_with: dict[int, str] = {}   # group -> cache key of the prompt its answer came from
-    budget = min(c.budget, int(np.ceil(c.budget_share * G)))
+    budget = min(c.budget, int(c.budget_share * G))  # rounded down: never more than that share of the sets
     labels = np.full(G, -1, dtype=np.int64)
     weights = np.zeros(G)
     examples = pool

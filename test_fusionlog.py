@@ -1115,9 +1115,10 @@ def test_distill_asks_at_most_budget_share_of_the_sets_most_uncertain_first(fake
     p_group = np.array([0.01, 0.02, 0.98, 0.99, 0.3, 0.45, 0.55, 0.8])
     client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"))
     res = distill.distill({}, X, group, questions, qv, pool, None, client,
-                          DistillConfig(rounds=1, budget_share=0.25),
+                          DistillConfig(rounds=1, budget_share=0.3),
                           predict_proba=lambda X, p: p_group[group], fine_tune=lambda p, X, y, w: p)
-    assert fake_llm.requests == 2 and sorted(res.answers) == [5, 6]  # ceil(0.25 * 8) = 2, nearest 0.5
+    # 0.3 * 8 = 2.4 sets, rounded down (never above the share): the 2 nearest 0.5
+    assert fake_llm.requests == 2 and sorted(res.answers) == [5, 6]
 
 
 def test_a_small_model_sure_of_everything_still_gets_its_least_sure_sets_asked(fake_llm, tmp_path):
