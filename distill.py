@@ -264,7 +264,8 @@ class ChatClient:
         self.model = model or os.environ.get("OPENAI_MODEL") or "local"
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or None  # never shown, logged or cached
         self.response_format = response_format
-        self.timeout = timeout          # seconds per attempt; a long prompt on a 2-core CPU takes ~15 s
+        self.timeout = timeout          # seconds per attempt (each read, and the whole reply); a long prompt
+                                        # on a 2-core CPU takes ~15 s
         self.max_retries = max_retries  # attempts = 1 + max_retries
         self.backoff = backoff          # waits backoff * 2**attempt seconds, unless Retry-After says otherwise
         self.max_wait = max_wait        # cap on any single wait, even one a server asks for
@@ -300,10 +301,13 @@ class ChatClient:
         with self._lock:
             self.faults[kind] += 1
 
-    def _read_json(self, resp: requests.Response, url: str):
-        """The reply's JSON, reading at most max_bytes."""
+    def _read_json(self, resp: requests.Response, url: str, deadline: float):
+        """The reply's JSON, reading at most max_bytes, and by the deadline (time.monotonic()): requests'
+        timeout bounds each read, so a server dripping a byte at a time would otherwise never time out."""
         chunks, size = [], 0
-        for chunk in resp.iter_content(65536):
+        for chunk in self._chunks(resp):
+            if time.monotonic() > deadline:
+                raise requests.Timeout(f"reply from {url} not complete within {self.timeout} s")
             size += len(chunk)
             if size > self.max_bytes:
                 self._fault("too_large")
@@ -315,17 +319,29 @@ class ChatClient:
             self._fault("bad_json")
             raise BadAnswer(f"LLM reply from {url} is not JSON") from None
 
+    @staticmethod
+    def _chunks(resp: requests.Response):
+        """The reply body as it arrives: urllib3 2's read1 returns whatever bytes are there (iter_content
+        waits for 64 KiB or the end), so a deadline is checked between small reads."""
+        read1 = getattr(resp.raw, "read1", None)
+        if read1 is None:  # urllib3 1.x
+            yield from resp.iter_content(65536)
+            return
+        while chunk := read1(65536, decode_content=True):
+            yield chunk
+
     def _post(self, payload: dict) -> dict:
         """POST one chat request with bounded retries; the decoded JSON reply."""
         url = f"{self.base_url}/chat/completions"
         kind = "unknown"
         for attempt in range(self.max_retries + 1):
             wait = self.backoff * 2 ** attempt  # exponential backoff
+            deadline = time.monotonic() + self.timeout
             try:
                 with self._session.post(url, json=payload, headers=self._headers(), timeout=self.timeout,
                                         stream=True) as resp:
                     if resp.status_code == 200:
-                        return self._read_json(resp, url)
+                        return self._read_json(resp, url, deadline)
                     kind = f"http_{resp.status_code}"
                     if resp.status_code not in _RETRY_STATUS:  # 400, 401, 404...: retrying will not help
                         self._fault(kind)
@@ -397,7 +413,8 @@ class ChatClient:
                 status = resp.status_code
                 if status == 200:
                     try:
-                        return [str(m["id"]) for m in self._read_json(resp, self.base_url)["data"]]
+                        models = self._read_json(resp, self.base_url, time.monotonic() + timeout)["data"]
+                        return [str(m["id"]) for m in models]
                     except (LLMError, KeyError, TypeError):
                         return []  # reachable; the model list is only informative
             if status == 404:  # some servers have no /models: try a tiny chat instead

@@ -581,7 +581,8 @@ class FakeLLM:
     message contain error|fail|exception|denied|timeout, else "normal" (0.9, p(anomalous) 0.2).
     `push(action, ...)` queues per-request misbehaviour, consumed one per chat request; `always` is used
     when the queue is empty. Action keys: status (int), retry_after (str), error (str, error body text),
-    delay (s), raw (str body sent with 200), content (the assistant text), no_choices (bool).
+    delay (s), raw (str body sent with 200), content (the assistant text), no_choices (bool), drip (s between
+    the 10 pieces of a slowly sent body).
     """
     KEYWORDS = re.compile(r"error|fail|exception|denied|timeout", re.IGNORECASE)
     QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -643,6 +644,22 @@ class FakeLLM:
                     return self._send(action["status"], {"error": {"message": action.get("error", "fake")}}, headers)
                 if "raw" in action:
                     return self._send(200, action["raw"].encode())
+                if "drip" in action:  # headers at once, then the body in 10 pieces, drip seconds apart
+                    data = json.dumps(fake.reply(body, action)).encode()
+                    try:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.flush()
+                        step = -(-len(data) // 10)
+                        for i in range(0, len(data), step):
+                            time.sleep(action["drip"])
+                            self.wfile.write(data[i:i + step])
+                            self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 self._send(200, fake.reply(body, action))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -878,6 +895,18 @@ def test_timeout_is_retried(fake_llm):
     fake_llm.push({"delay": 1.0})
     assert client.answer(build_messages(question("slow <*>"), [])).label == 0
     assert client.faults["timeout"] == 1 and fake_llm.requests == 2
+
+
+def test_a_reply_dripping_in_slower_than_the_timeout_is_a_timeout(fake_llm):
+    """Each piece arrives within the read timeout (0.25 s apart < 0.6 s), but the whole reply takes ~2.5 s:
+    the attempt's deadline ends it, and the retry gets the answer."""
+    client = ChatClient(fake_llm.url, timeout=0.6, max_retries=1, sleep=lambda s: None)
+    fake_llm.push({"drip": 0.25})
+    assert client.answer(build_messages(question("drip <*>"), [])).label == 0
+    assert client.faults["timeout"] == 1 and fake_llm.requests == 2
+    fake_llm.push({"drip": 0.01})  # a reply sent in pieces, well within the timeout, is read whole
+    assert client.answer(build_messages(question("pieces <*>"), [])).label == 0
+    assert client.faults["timeout"] == 1
 
 
 def test_api_key_sent_but_never_shown(fake_llm, tmp_path):
