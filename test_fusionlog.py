@@ -1150,6 +1150,16 @@ def test_distill_asks_at_most_budget_share_of_the_sets_most_uncertain_first(fake
     assert fake_llm.requests == 2 and sorted(res.answers) == [5, 6]
 
 
+def test_diverse_first_skips_near_copies_while_the_budget_lasts():
+    vecs = sp.csr_matrix(np.array([[1.0, 0, 0], [1.0, 0.01, 0], [0, 1.0, 0], [0, 0, 1.0], [0.7, 0.7, 0]]))
+    # 1 is a near-copy of 0 (cosine > 0.99); 4 is 45 degrees from 0 and 2 (cosine 0.71)
+    assert distill.diverse_first([0, 1, 2, 3, 4], vecs, set(), 3, 0.95) == [0, 2, 3, 1, 4]
+    assert distill.diverse_first([0, 1, 2, 3, 4], vecs, set(), 3, 0.5) == [0, 2, 3, 1, 4]
+    assert distill.diverse_first([0, 1, 2, 3, 4], vecs, set(), 2, 0.5) == [0, 2, 1, 3, 4]   # budget reached
+    assert distill.diverse_first([0, 1, 2, 3, 4], vecs, {0}, 3, 0.95) == [1, 2, 3, 0, 4]   # answered: waits
+    assert distill.diverse_first([1, 0, 4], vecs, set(), 3, 0.0) == [1, 0, 4]               # cap 0: off
+
+
 def test_a_small_model_sure_of_everything_still_gets_its_least_sure_sets_asked(fake_llm, tmp_path):
     X, group, questions, qv, pool, replay = problem()
     p_group = np.array([0.999, 0.995, 0.9999, 0.99, 0.993, 0.998, 0.991, 0.9995])  # all "sure", all anomalous
