@@ -147,13 +147,10 @@ def _mask_by_token(messages: list[str]) -> list[str]:
 
 
 def extract_templates(contents: list[str]) -> tuple[list[str], np.ndarray]:
-    """Mask every line; return the distinct templates (first-appearance order) and each line's template id.
-    (As mask_many: each distinct key is masked once, and a line's template id is its key's.)"""
-    keys = _masking_keys(contents)
-    distinct = list(dict.fromkeys(keys))  # in order of first appearance, so the templates are too
+    """Mask every line; return the distinct templates (first-appearance order) and each line's template id."""
     index: dict[str, int] = {}
-    key_ids = {k: index.setdefault(t, len(index)) for k, t in zip(distinct, _mask_by_token(distinct))}
-    ids = np.fromiter(map(key_ids.__getitem__, keys), dtype=np.int64, count=len(keys))
+    ids = np.fromiter((index.setdefault(t, len(index)) for t in mask_many(contents)),
+                      dtype=np.int64, count=len(contents))
     return list(index), ids
 
 
