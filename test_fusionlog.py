@@ -1211,6 +1211,29 @@ def test_disputed_groups_are_asked_again_with_in_system_examples(fake_llm, tmp_p
     assert set(np.round(res.pseudo_weights, 6)) == {0.5, 1.0}
 
 
+def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path):
+    """A healthy period (every set normal): fine-tuning would teach "this system's words = normal" against
+    replayed source anomalies, so it is skipped, unless min_class_share is 0."""
+    X, group, questions, qv, pool, replay = problem()
+    normal = np.flatnonzero(RULE == 0)
+    keep = np.flatnonzero(np.isin(group, normal))
+    remap = {int(g): i for i, g in enumerate(normal)}
+    X, group = X[keep], np.array([remap[int(g)] for g in group[keep]])
+    questions, qv = [questions[g] for g in normal], qv[normal]
+    for share, expect_calls in ((0.005, 0), (0.0, 1)):
+        calls = []
+        client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"), logprobs=True)
+        res = distill.distill({}, X, group, questions, qv, pool, replay, client,
+                              DistillConfig(rounds=3, budget_share=1.0, min_class_share=share),
+                              predict_proba=lambda X, p: np.full(X.shape[0], 0.3),
+                              fine_tune=lambda p, X, y, w: calls.append(len(y)) or p)
+        assert np.all(res.pseudo_labels == 0) and np.all(res.pseudo_weights > 0)
+        assert len(calls) == expect_calls and [r["fine_tuned"] for r in res.rounds][:1] == [bool(expect_calls)]
+    assert distill.both_classes([0, 0, 1], [1.0, 1.0, 0.02], 0.005)
+    assert not distill.both_classes([0, 0, 1], [1.0, 1.0, 0.02], 0.01)   # 0.02 / 2.02 < 1%
+    assert not distill.both_classes([0, 0], [1.0, 1.0], 0.005) and not distill.both_classes([1], [0.0], 0.0)
+
+
 def test_distill_survives_a_dead_server(tmp_path):
     X, group, questions, qv, pool, replay = problem()
     client = ChatClient(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, sleep=lambda s: None)
