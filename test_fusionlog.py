@@ -2183,3 +2183,56 @@ def test_a_system_named_twice_is_an_error_not_a_silent_drop(tmp_path, capsys):
     assert fl.main(["-q", "run", "--source", f"HDFS={log}", "--source", f"HDFS={log}",
                     "--target", f"OpenStack={log}", "--llm-url", "none"]) == 2
     assert "'HDFS' is given twice" in capsys.readouterr().err
+
+
+# ====================================================================================================
+# bench/bench.py: the oracle_teacher diagnostic
+# ====================================================================================================
+
+def load_bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parent / "bench" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_oracle_client_answers_each_template_set_with_its_true_majority():
+    bench = load_bench()
+    # sets: {a, b} labels 1, 0 (a tie: anomalous); {c} 0, 0, 1 (normal); {a, c} 1; {b} unlabeled only
+    s = fl.Sessions("t", ["a", "b", "c"], [f"s{i}" for i in range(8)],
+                    [np.array(q) for q in ([0, 1], [2], [1, 0, 0], [2, 2], [0, 2], [2], [1], [1, 1])],
+                    np.array([1, 0, 0, 0, 1, 1, -1, -1], dtype=np.int8))
+    oracle = bench.OracleClient(s, max_templates=20)
+
+    def ask(i):  # the question distillation builds for session i's set (any session of the set: same answer)
+        return oracle.answer(build_messages(fl.templates_with_counts(s.templates, s.sequences[i]),
+                                            [([("x", 1)], 0)], 20))
+
+    assert [ask(i).label for i in range(6)] == [1, 0, 1, 0, 1, 0]
+    assert ask(0) == Answer(1, 0.9, "oracle") and oracle.cached([]) is None and oracle.answered == 7
+    assert oracle.key([{"content": "q"}]) == distill.cache_key("oracle", [{"content": "q"}])
+    with pytest.raises(BadAnswer):  # no labeled session in the set: left to the small model, counted
+        ask(6)
+    assert oracle.faults == {"oracle_unknown_question": 1} and oracle.ambiguous == 0
+
+
+def test_bench_oracle_teacher_runs_fusionlog_without_an_llm_and_is_shown_as_a_diagnostic(tmp_path):
+    bench = load_bench()
+    assert "oracle_teacher" in bench.SYSTEMS and "oracle_teacher" not in bench.LLM_SYSTEMS
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
+    db = fl.read_system(p["db"], DB_SPEC, "db")
+    target = fl.attach_labels(fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS"), fl.read_labels(p["hdfs_labels"]))
+    args = bench.parse_args(["--llm-url", "http://127.0.0.1:9/v1", "--systems", "oracle_teacher,sm_only"])
+    assert bench.describe_llm(args, False)["url"] == "none"  # no LLM system asked for: no server contacted
+    m = bench.run_fusionlog("oracle_teacher", args, None, [web, db], target, target, "t")
+    assert m["oracle_answers"] > 0 and m["llm_calls"] == 0 and m["llm_cached"] == 0 and m["llm_faults"] == {}
+    assert m["f1"] >= 0.9  # the true labels taught the small model the target's anomalies
+    r = {"sources": ["web", "db"], "sessions": 150, "anomalous": 10, "fit_sessions": 150, "test_sessions": 150,
+         "test_anomalous": 10, "systems": {"oracle_teacher": m}, "transductive": {}, "method_system": "sm_only",
+         "llm_calls": 0, "llm_cached": 0, "distinct_proprietary_sets": None, "llm_calls_all_systems": 0,
+         "llm_cached_all_systems": 0, "seconds": {}, "peak_rss_mb": 1.0, "peak_rss_mb_fusionlog": None}
+    md = bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"}, "command": "x",
+                          "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0, "targets": {"HDFS": r}})
+    assert f"| oracle_teacher (diagnostic) | {m['precision']:.3f} |" in md

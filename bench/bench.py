@@ -13,6 +13,9 @@ Systems, all scored with precision / recall / F1 of the anomalous class on the s
     llm_only          the same LLM and prompts labeling each test template-set directly (no small model)
     no_router         every target session treated as proprietary (tau = 2, above any cosine)
     one_round         distillation stopped after a single round
+    oracle_teacher    FusionLog with a perfect teacher: each question answered with the true majority label of
+                      its template-set. A diagnostic ceiling (it reads target labels), not a peer: it tells
+                      whether a shortfall is the teacher's or the pipeline's. No LLM, no cache, 0 LLM calls
     isolation_forest  scikit-learn IsolationForest on template count vectors (loglizer's demo settings)
     pca               loglizer's PCA detector (Xu et al., SOSP'09), re-implemented in numpy below
 
@@ -39,7 +42,9 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,7 +65,9 @@ FILES = {  # system -> (log, label csv or None for inline labels), relative to -
     "OpenStack": ("OpenStack/openstack_nova.log", "OpenStack/anomaly_label.csv"),
 }
 LLM_SYSTEMS = ("fusionlog", "llm_only", "no_router", "one_round")
-SYSTEMS = ("fusionlog", "sm_only", "llm_only", "no_router", "one_round", "isolation_forest", "pca")
+SYSTEMS = ("fusionlog", "sm_only", "llm_only", "no_router", "one_round", "oracle_teacher", "isolation_forest",
+           "pca")
+DIAGNOSTIC_SYSTEMS = ("oracle_teacher",)  # read target labels: a ceiling, never a peer of fusionlog
 LIBRARY_FILES = ("fusionlog.py", "distill.py", "metamodel.py", "router.py")
 STAGES = ("read_parse", "embed_route", "meta_train", "distill", "predict")
 FAKE_MODEL = "fake-keyword-rule"  # the model name sent to the fake server: its answers never share cache keys
@@ -130,9 +137,66 @@ def make_client(args, cache: distill.AnswerCache | None) -> distill.ChatClient:
                               cache=cache, logprobs=args.logprobs, timeout=args.llm_timeout)
 
 
+class OracleClient:
+    """A perfect teacher in place of distill.ChatClient: each question is answered with the true majority
+    label of the template-set it is about (ties anomalous). No HTTP request, no cache. It reads the target's
+    labels, so `oracle_teacher` is a diagnostic ceiling, never a peer.
+
+    distill asks about a set with the text of its first session (distill.format_session of
+    fl.templates_with_counts, as FusionLog._distill builds it), so every session's text maps to its set's
+    label. Two sets whose texts coincide (cut at max_templates) pool their sessions; `ambiguous` counts them."""
+
+    model = "oracle"
+
+    def __init__(self, target: fl.Sessions, max_templates: int):
+        if target.labels is None:
+            raise ValueError(f"oracle_teacher: target {target.name} has no labels")
+        votes: dict[tuple, list[int]] = {}        # set key -> [anomalous, labeled] sessions
+        texts: dict[str, set] = {}                # question text -> the set keys it can stand for
+        for i, seq in enumerate(target.sequences):
+            key = fl.template_set_key(target.templates, seq)
+            v = votes.setdefault(key, [0, 0])
+            if target.labels[i] >= 0:
+                v[0] += int(target.labels[i] == 1)
+                v[1] += 1
+            text = distill.format_session(fl.templates_with_counts(target.templates, seq), max_templates)
+            texts.setdefault(text, set()).add(key)
+        self.labels: dict[str, int] = {}          # question text -> majority label (no entry: no labeled session)
+        self.ambiguous = 0
+        for text, keys in texts.items():
+            self.ambiguous += len(keys) > 1
+            anomalous, n = (sum(votes[k][j] for k in keys) for j in (0, 1))
+            if n:
+                self.labels[text] = int(anomalous / n >= 0.5)
+        self.faults: Counter = Counter()
+        self.answered = 0
+        self._lock = threading.Lock()
+
+    def key(self, messages: list[dict]) -> str:
+        return distill.cache_key(self.model, messages)
+
+    def cached(self, messages: list[dict]) -> None:
+        return None  # no cache: every question is "asked" (answered here, at no cost)
+
+    def answer(self, messages: list[dict]) -> distill.Answer:
+        label = self.labels.get(messages[-1]["content"])
+        with self._lock:
+            if label is None:  # not a session of the fit part, or none of its sessions labeled
+                self.faults["oracle_unknown_question"] += 1
+                raise distill.BadAnswer("oracle_teacher: the question is no labeled template-set of the target")
+            self.answered += 1
+        return distill.Answer(label, 0.9, "oracle")
+
+
 def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str) -> dict:
-    client = None if system == "sm_only" else make_client(args, cache)
-    model = fl.FusionLog(make_config(system, args.seed), client, progress=lambda m: say(f"{tag} {system}: {m}"))
+    config = make_config(system, args.seed)
+    if system == "sm_only":
+        client = None
+    elif system == "oracle_teacher":
+        client = OracleClient(fit, config.distill.max_templates)
+    else:
+        client = make_client(args, cache)
+    model = fl.FusionLog(config, client, progress=lambda m: say(f"{tag} {system}: {m}"))
     t = time.perf_counter()
     report = model.fit(sources, fit)
     t_fit = time.perf_counter() - t
@@ -145,6 +209,9 @@ def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str) -> dic
                llm_faults=report["llm_faults"], rounds=len(report["rounds"]),
                proprietary=report["proprietary"], general=report["general"],
                distinct_proprietary_sets=report["distinct_proprietary_sets"])
+    if system == "oracle_teacher":  # its questions cost no LLM call: keep them out of every LLM count
+        out.update(llm_calls=0, llm_cached=0, oracle_answers=client.answered,
+                   oracle_ambiguous_texts=client.ambiguous)
     return out
 
 
@@ -306,7 +373,8 @@ def run_target(args, target_name: str) -> dict:
                 into[system] = run_fusionlog(system, args, cache, sources, fit_part, test_part, tag)
             m = into[system]
             say(f"{tag}: {system}: P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
-                f"({m['seconds']:.1f}s" + (f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
+                f"({m['seconds']:.1f}s" + (f", {m['oracle_answers']} oracle answers" if "oracle_answers" in m
+                                           else f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
                                            if "llm_calls" in m and system != "sm_only" else "") + ")")
             if protocol == "inductive" and system in ("fusionlog", "sm_only") and rss_fusionlog is None:
                 rss_fusionlog = peak_rss_mb()  # before scikit-learn is imported for the peers
@@ -398,6 +466,8 @@ def local_model_file() -> str:
 def describe_llm(args, fake: bool) -> dict:
     if args.llm_url == "none":
         return {"url": "none", "models": [], "model": "none (LLM systems skipped)"}
+    if not any(s in LLM_SYSTEMS for s in args.systems):  # e.g. oracle_teacher, sm_only: no server needed
+        return {"url": "none", "models": [], "model": "none (no LLM system in --systems)"}
     models = server_models(args.llm_url, args.llm_model)
     name = ("fake keyword-rule teacher of test_fusionlog.py (FakeLLM), not a real LLM" if fake
             else args.llm_name or ", ".join(models) or args.llm_model)
@@ -430,6 +500,9 @@ SYSTEM_NOTES = {
                 "each session gets its set's answer (no small model)",
     "no_router": "FusionLog with every target session treated as proprietary (tau = 2, above any cosine)",
     "one_round": "FusionLog with a single distillation round",
+    "oracle_teacher": "FusionLog with a perfect teacher: each question answered with the true majority label "
+                      "of its template-set. A diagnostic ceiling (it reads target labels), not a peer: it tells "
+                      "whether a shortfall is the teacher's or the pipeline's",
     "isolation_forest": "scikit-learn IsolationForest(n_estimators=100, contamination=0.03) on template "
                         "count vectors of the target, as in loglizer's demo",
     "pca": "loglizer's PCA detector (Xu et al., SOSP 2009) in numpy: tf-idf weighted, zero-mean count "
@@ -474,7 +547,8 @@ def render_md(results: dict) -> str:
                 continue
             tr = r.get("transductive", {}).get(system)
             bold = "**" if system == "fusionlog" else ""
-            lines.append(f"| {bold}{system}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
+            shown = f"{system} (diagnostic)" if system in DIAGNOSTIC_SYSTEMS else system
+            lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
                          f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
         lines.append("")
     lines += ["## Costs", "",
