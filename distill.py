@@ -700,10 +700,11 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         # 5. fine-tune the SM on the pseudo-labeled sessions plus replayed source sessions, if they hold
         #    both classes: one class alone would be learnt as "the target's vocabulary means this class"
         keep = np.flatnonzero(weights[group] > 0)
-        if keep.size and not both_classes(labels[group][keep], weights[group][keep], c.min_class_share):
+        yt, wt = labels[group][keep], weights[group][keep]
+        if keep.size and not both_classes(yt, wt, c.min_class_share):
             say(f"distill round {r}: pseudo-labels hold (almost) one class only: the SM is not fine-tuned")
         elif keep.size:
-            Xt, yt, wt = X[keep], labels[group][keep], weights[group][keep]
+            Xt = X[keep]
             if replay is not None and c.replay_ratio > 0 and len(replay[1]):
                 m = min(len(replay[1]), int(round(c.replay_ratio * keep.size)))
                 pick = np.sort(rng.choice(len(replay[1]), size=m, replace=False))

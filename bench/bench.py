@@ -139,7 +139,7 @@ def make_client(args, cache: distill.AnswerCache | None) -> distill.ChatClient:
 
 class OracleClient:
     """A perfect teacher in place of distill.ChatClient: each question is answered with the true majority
-    label of the template-set it is about (ties anomalous). No HTTP request, no cache. It reads the target's
+    label of the template-set it is about (a tie is normal, as in fl.example_pool). No HTTP request, no cache. It reads the target's
     labels, so `oracle_teacher` is a diagnostic ceiling, never a peer.
 
     distill asks about a set with the text of its first session (distill.format_session of
@@ -151,23 +151,21 @@ class OracleClient:
     def __init__(self, target: fl.Sessions, max_templates: int):
         if target.labels is None:
             raise ValueError(f"oracle_teacher: target {target.name} has no labels")
-        votes: dict[tuple, list[int]] = {}        # set key -> [anomalous, labeled] sessions
-        texts: dict[str, set] = {}                # question text -> the set keys it can stand for
-        for i, seq in enumerate(target.sequences):
-            key = fl.template_set_key(target.templates, seq)
-            v = votes.setdefault(key, [0, 0])
-            if target.labels[i] >= 0:
-                v[0] += int(target.labels[i] == 1)
-                v[1] += 1
+        group, _, keys = fl.group_by_template_set(target)   # (n,) each session's template-set
+        labeled = target.labels >= 0
+        anomalous = np.bincount(group, weights=labeled & (target.labels == 1), minlength=len(keys))  # (G,)
+        counted = np.bincount(group, weights=labeled, minlength=len(keys))                          # (G,)
+        texts: dict[str, set] = {}                # question text -> the sets it can stand for
+        for seq, g in zip(target.sequences, group):
             text = distill.format_session(fl.templates_with_counts(target.templates, seq), max_templates)
-            texts.setdefault(text, set()).add(key)
+            texts.setdefault(text, set()).add(int(g))
         self.labels: dict[str, int] = {}          # question text -> majority label (no entry: no labeled session)
         self.ambiguous = 0
-        for text, keys in texts.items():
-            self.ambiguous += len(keys) > 1
-            anomalous, n = (sum(votes[k][j] for k in keys) for j in (0, 1))
+        for text, sets in texts.items():
+            self.ambiguous += len(sets) > 1
+            a, n = anomalous[list(sets)].sum(), counted[list(sets)].sum()
             if n:
-                self.labels[text] = int(anomalous / n >= 0.5)
+                self.labels[text] = int(a / n > 0.5)  # a tie is normal, as in fl.example_pool
         self.faults: Counter = Counter()
         self.answered = 0
         self._lock = threading.Lock()
