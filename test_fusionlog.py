@@ -2237,3 +2237,33 @@ def test_bench_oracle_teacher_runs_fusionlog_without_an_llm_and_is_shown_as_a_di
     md = bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"}, "command": "x",
                           "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0, "targets": {"HDFS": r}})
     assert f"| oracle_teacher (diagnostic) | {m['precision']:.3f} |" in md
+
+
+def test_bench_spread_seeds_reruns_a_system_per_seed_and_shows_the_f1_range(monkeypatch):
+    bench = load_bench()
+    assert bench.parse_args(["--seed", "1", "--spread-seeds", "2,1,2"]).spread_seeds == [2]  # own seed, repeats
+    assert bench.parse_args(["--spread-seeds", ""]).spread_seeds == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--spread-seeds", "1,x"])
+    assert bench.make_config("fusionlog", 7).meta.seed == bench.make_config("one_round", 7).distill.seed == 7
+    seen = []
+
+    def run_fusionlog(system, args, cache, sources, fit, test, tag, seed=None):  # F1 and calls tell the seed
+        seen.append((system, seed))
+        return {"f1": 0.5 + seed / 10, "llm_calls": seed, "llm_cached": 10}
+    monkeypatch.setattr(bench, "run_fusionlog", run_fusionlog)
+    args = bench.parse_args(["--llm-url", "none", "--spread-seeds", "1,2"])
+    m = {"precision": 0.4, "recall": 1.0, "f1": 0.45, "llm_calls": 5, "llm_cached": 0}
+    bench.spread_seeds(args, m, "one_round", None, [], None, None, "t")
+    assert seen == [("one_round", 1), ("one_round", 2)]
+    assert m["f1_by_seed"] == {"0": 0.45, "1": 0.6, "2": 0.7} and list(m["f1_by_seed"]) == ["0", "1", "2"]
+    assert m["llm_calls_other_seeds"] == 3 and m["llm_cached_other_seeds"] == 20
+    assert bench.spread(m) == "0.450–0.700" and bench.spread({"f1_by_seed": {"0": 0.9141, "1": 0.9138}}) == "0.914"
+    assert bench.spread({"f1": 0.5}) == "-" and bench.spread(None) == "-"
+    r = {"sources": ["web", "db"], "sessions": 150, "anomalous": 10, "fit_sessions": 150, "test_sessions": 150,
+         "test_anomalous": 10, "systems": {"one_round": m}, "transductive": {}, "method_system": "fusionlog",
+         "llm_calls": 5, "llm_cached": 0, "distinct_proprietary_sets": 12, "llm_calls_all_systems": 8,
+         "llm_cached_all_systems": 20, "seconds": {}, "peak_rss_mb": 1.0, "peak_rss_mb_fusionlog": None}
+    md = bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"}, "command": "x",
+                          "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0, "targets": {"HDFS": r}})
+    assert "| F1 seeds 0,1,2 |" in md and "| one_round | 0.400 | 1.000 | 0.450 | 0.450–0.700 | - | - |" in md

@@ -67,6 +67,7 @@ FILES = {  # system -> (log, label csv or None for inline labels), relative to -
 LLM_SYSTEMS = ("fusionlog", "llm_only", "no_router", "one_round")
 SYSTEMS = ("fusionlog", "sm_only", "llm_only", "no_router", "one_round", "oracle_teacher", "isolation_forest",
            "pca")
+SEED_FREE = ("llm_only", "pca")  # their results do not depend on --seed: no F1 spread over seeds
 DIAGNOSTIC_SYSTEMS = ("oracle_teacher",)  # read target labels: a ceiling, never a peer of fusionlog
 LIBRARY_FILES = ("fusionlog.py", "distill.py", "metamodel.py", "router.py")
 STAGES = ("read_parse", "embed_route", "meta_train", "distill", "predict")
@@ -186,8 +187,8 @@ class OracleClient:
         return distill.Answer(label, 0.9, "oracle")
 
 
-def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str) -> dict:
-    config = make_config(system, args.seed)
+def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: int | None = None) -> dict:
+    config = make_config(system, args.seed if seed is None else seed)
     if system == "sm_only":
         client = None
     elif system == "oracle_teacher":
@@ -328,6 +329,31 @@ def run_peer(system: str, fit: fl.Sessions, test: fl.Sessions, seed: int) -> dic
     return out
 
 
+def spread_seeds(args, m: dict, system: str, cache, sources, fit, test, tag: str) -> None:
+    """Run `system` again with each of --spread-seeds; m gets its F1 per seed (its own seed first) and the
+    LLM questions those runs asked. One seed's F1 can be luck: the spread says how much."""
+    m["f1_by_seed"] = {str(args.seed): m["f1"]}
+    calls = cached = 0
+    for seed in args.spread_seeds:
+        if system in ("isolation_forest", "pca"):
+            other = run_peer(system, fit, test, seed)
+        else:
+            other = run_fusionlog(system, args, cache, sources, fit, test, f"{tag} seed {seed}", seed=seed)
+        m["f1_by_seed"][str(seed)] = other["f1"]
+        calls += other.get("llm_calls", 0)
+        cached += other.get("llm_cached", 0)
+    if "llm_calls" in m:
+        m.update(llm_calls_other_seeds=calls, llm_cached_other_seeds=cached)
+
+
+def spread(m: dict | None) -> str:
+    """'min-max' of a system's F1 over seeds ('0.914' when they agree), '-' when it was not run."""
+    if not m or "f1_by_seed" not in m:
+        return "-"
+    lo, hi = min(m["f1_by_seed"].values()), max(m["f1_by_seed"].values())
+    return f"{lo:.3f}" if round(lo, 3) == round(hi, 3) else f"{lo:.3f}–{hi:.3f}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # one target (runs in its own process)
 
@@ -370,10 +396,13 @@ def run_target(args, target_name: str) -> dict:
             else:
                 into[system] = run_fusionlog(system, args, cache, sources, fit_part, test_part, tag)
             m = into[system]
+            if args.spread_seeds and system not in SEED_FREE:
+                spread_seeds(args, m, system, cache, sources, fit_part, test_part, tag)
+            seeds = f"seeds {', '.join(m['f1_by_seed'])}: {spread(m)}; " if "f1_by_seed" in m else ""
             say(f"{tag}: {system}: P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
-                f"({m['seconds']:.1f}s" + (f", {m['oracle_answers']} oracle answers" if "oracle_answers" in m
-                                           else f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
-                                           if "llm_calls" in m and system != "sm_only" else "") + ")")
+                f"({seeds}{m['seconds']:.1f}s" + (f", {m['oracle_answers']} oracle answers" if "oracle_answers" in m
+                                                  else f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
+                                                  if "llm_calls" in m and system != "sm_only" else "") + ")")
             if protocol == "inductive" and system in ("fusionlog", "sm_only") and rss_fusionlog is None:
                 rss_fusionlog = peak_rss_mb()  # before scikit-learn is imported for the peers
 
@@ -386,9 +415,10 @@ def run_target(args, target_name: str) -> dict:
     res["seconds"] = {"read_parse": read_seconds, "embed_route": stages.get("embed_route"),
                       "meta_train": stages.get("meta_train"), "distill": stages.get("distill"),
                       "predict": main.get("predict_seconds")}
-    res["llm_calls_all_systems"] = sum(m.get("llm_calls", 0) for part in (res["systems"], res["transductive"])
-                                       for m in part.values())
-    res["llm_cached_all_systems"] = sum(m.get("llm_cached", 0) for part in (res["systems"], res["transductive"])
+    res["llm_calls_all_systems"] = sum(m.get("llm_calls", 0) + m.get("llm_calls_other_seeds", 0)
+                                       for part in (res["systems"], res["transductive"]) for m in part.values())
+    res["llm_cached_all_systems"] = sum(m.get("llm_cached", 0) + m.get("llm_cached_other_seeds", 0)
+                                        for part in (res["systems"], res["transductive"])
                                         for m in part.values() if "llm_calls" in m)
     res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     res["peak_rss_mb_fusionlog"] = None if rss_fusionlog is None else round(rss_fusionlog, 1)
@@ -480,6 +510,7 @@ def child_argv(args, target: str, out: str) -> list[str]:
             "--data", args.data, "--llm-url", args.llm_url, "--llm-model", args.llm_model,
             "--response-format", args.response_format, "--cache", args.cache, "--seed", str(args.seed),
             "--llm-timeout", str(args.llm_timeout),
+            "--spread-seeds", ",".join(map(str, args.spread_seeds)),
             "--systems", ",".join(args.systems),
             "--logprobs" if args.logprobs else "--no-logprobs",
             "--transductive" if args.transductive else "--no-transductive"]
@@ -533,12 +564,22 @@ def render_md(results: dict) -> str:
         "Precision, recall and F1 are of the anomalous class.",
         "",
     ]
+    seeds = ",".join(next((m["f1_by_seed"] for r in results["targets"].values()
+                           for m in r["systems"].values() if "f1_by_seed" in m), {}))
+    if seeds:
+        lines += [f"F1 is seed {results['seed']}'s; the columns *F1 seeds {seeds}* give the range (min–max) "
+                  "of F1 when the seed-dependent systems run again with each of those seeds (meta-training, "
+                  "replay sampling, Isolation Forest). Which sets the LLM is asked about depends on the seed, "
+                  "so one seed's F1 can be luck.", ""]
     for name, r in results["targets"].items():
         lines += [f"## {name} (sources: {', '.join(r['sources'])})", "",
                   f"{r['sessions']:,} sessions ({r['anomalous']:,} anomalous); fit on the first "
                   f"{r['fit_sessions']:,} ({r['anomalous'] - r['test_anomalous']:,} anomalous), scored on the "
                   f"last {r['test_sessions']:,} ({r['test_anomalous']:,} anomalous).", "",
-                  "| system | precision | recall | F1 | F1 transductive |", "|---|---|---|---|---|"]
+                  ] + (["| system | precision | recall | F1 | F1 transductive |", "|---|---|---|---|---|"]
+                       if not seeds else
+                       [f"| system | precision | recall | F1 | F1 seeds {seeds} | F1 transductive | "
+                        f"F1 transductive seeds {seeds} |", "|---|---|---|---|---|---|---|"])
         for system in SYSTEMS:
             m = r["systems"].get(system)
             if m is None:
@@ -546,14 +587,19 @@ def render_md(results: dict) -> str:
             tr = r.get("transductive", {}).get(system)
             bold = "**" if system == "fusionlog" else ""
             shown = f"{system} (diagnostic)" if system in DIAGNOSTIC_SYSTEMS else system
-            lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                         f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
+            if seeds:
+                lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                             f"{bold}{m['f1']:.3f}{bold} | {spread(m)} | {fmt(tr['f1']) if tr else '-'} | "
+                             f"{spread(tr)} |")
+            else:
+                lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                             f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
         lines.append("")
     lines += ["## Costs", "",
               "LLM questions asked (of them, new calls this run; the rest came from the answer cache) by "
               f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
               "fit, by `llm_only` (one per distinct template-set it labels) and by all systems of the run "
-              "together; the number of distinct proprietary template-sets of the fit half (the ceiling on useful "
+              "together (other seeds' runs included); the number of distinct proprietary template-sets of the fit half (the ceiling on useful "
               "questions); the LLM's latency (`llm_only` wall time per new call); seconds per stage of the "
               "inductive FusionLog fit; peak RSS of the whole target run (all systems, scikit-learn included) "
               "and of FusionLog alone (before the peers ran).", "",
@@ -633,6 +679,9 @@ def parse_args(argv=None):
                    help="README to refresh between '<!-- bench/RESULTS.md: start -->' and '... end -->' "
                         "markers, if it has them ('none' = never)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spread-seeds", default="1,2", metavar="SEEDS",
+                   help="comma-separated further seeds: every seed-dependent system runs again with each, and "
+                        "RESULTS.md gives its F1 range over all seeds ('' = none)")
     p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit and score every system on all of the target")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
@@ -642,6 +691,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        args.spread_seeds = [int(x) for x in args.spread_seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--spread-seeds: not a comma-separated list of integers: {args.spread_seeds!r}")
+    args.spread_seeds = [x for x in dict.fromkeys(args.spread_seeds) if x != args.seed]
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"--systems: unknown system {s!r} (known: {', '.join(SYSTEMS)})")
