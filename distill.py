@@ -39,7 +39,7 @@ import re
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -598,8 +598,10 @@ class DistillResult:
     pseudo_weights: np.ndarray    # (n,)
 
 
-def _ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int) -> dict:
-    """group -> Answer, or the LLMError that ended its question."""
+def _ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int,
+             say: Callable[[str], None] = lambda msg: None, every: float = 10.0) -> dict:
+    """group -> Answer, or the LLMError that ended its question. A CPU server takes minutes for a round,
+    so every `every` seconds it says how many are answered and about how long the rest will take."""
     def one(messages):
         try:
             return client.answer(messages)
@@ -607,9 +609,22 @@ def _ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency
             return e
     if not jobs:
         return {}
+    results, start = {}, time.monotonic()
+    last = start
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {g: pool.submit(one, messages) for g, messages in jobs}
-        return {g: f.result() for g, f in futures.items()}
+        futures = {pool.submit(one, messages): g for g, messages in jobs}
+        for done, f in enumerate(as_completed(futures), 1):
+            results[futures[f]] = f.result()
+            now = time.monotonic()
+            if done < len(jobs) and now - last >= every:
+                left = (now - start) / done * (len(jobs) - done)
+                say(f"{done}/{len(jobs)} answered, about {_duration(left)} left")
+                last = now
+    return results
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def distill(params: dict, X, group, questions: list, question_vecs, pool: ExamplePool, replay,
@@ -668,7 +683,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         say(f"distill round {r}: asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
             f"{budget} questions left")
         faults_before = sum(client.faults.values())
-        results = _ask_all(client, jobs, c.concurrency)
+        results = _ask_all(client, jobs, c.concurrency, lambda msg: say(f"distill round {r}: {msg}"))
         failed = 0
         for g, messages in jobs:
             if isinstance(results[g], Answer):

@@ -1245,6 +1245,16 @@ def test_distill_survives_a_dead_server(tmp_path):
     assert np.all(res.pseudo_labels == -1) and len(res.rounds) == 2
 
 
+def test_asking_a_round_reports_progress_and_keeps_each_answer_with_its_group(fake_llm):
+    client = ChatClient(fake_llm.url)
+    texts = {7: [("Error: disk failure", 1)], 3: [("job started", 1)], 5: [("Exception in thread", 2)]}
+    jobs = [(g, build_messages(q, [])) for g, q in texts.items()]
+    said = []
+    results = distill._ask_all(client, jobs, 2, said.append, every=0)  # every=0: a line per answer but the last
+    assert {g: a.label for g, a in results.items()} == {7: 1, 3: 0, 5: 1}  # the fake's keyword rule
+    assert [m.split(",")[0] for m in said] == ["1/3 answered", "2/3 answered"] and "left" in said[0]
+
+
 def test_distill_rejects_bad_groups(fake_llm):
     X, group, questions, qv, pool, replay = problem()
     with pytest.raises(ValueError):

@@ -45,7 +45,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -235,14 +234,9 @@ def run_llm_only(args, cache, sources, test, tag: str) -> dict:
     n_cached = sum(client.cached(m) is not None for m in prompts)
     say(f"{tag} llm_only: {len(prompts)} distinct template-sets, {n_cached} answers cached")
 
-    def ask(messages):
-        try:
-            return client.answer(messages)
-        except distill.LLMError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, dc.concurrency)) as ex:
-        answers = list(ex.map(ask, prompts))
+    results = distill._ask_all(client, list(enumerate(prompts)), dc.concurrency,  # distillation's asking
+                               lambda msg: say(f"{tag} llm_only: {msg}"))
+    answers = [results[i] for i in range(len(prompts))]
     failed = sum(not isinstance(a, distill.Answer) for a in answers)
     set_label = np.array([a.label if isinstance(a, distill.Answer) else 0 for a in answers], dtype=np.int8)
     out = metrics(test.labels, set_label[group])
@@ -554,7 +548,7 @@ def render_md(results: dict) -> str:
                                    + f"; temperature 0, logprobs {'on' if llm.get('logprobs') else 'off'}, "
                                    f"response format {llm.get('response_format')}"),
         f"- Library: commit {results['library']}; seed {results['seed']}",
-        f"- Data: LogHub samples (HDFS 2% of blocks, BGL_2k in windows of 20 lines, OpenStack nova), "
+        "- Data: LogHub samples (HDFS 2% of blocks, BGL_2k in windows of 20 lines, OpenStack nova), "
         f"see `../shared/data/README.md`",
         "",
         "**Protocol.** For each target, the other two systems are the labeled sources. The target's sessions "
