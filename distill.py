@@ -598,27 +598,30 @@ class DistillResult:
     pseudo_weights: np.ndarray    # (n,)
 
 
-def _ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int,
-             say: Callable[[str], None] = lambda msg: None, every: float = 10.0) -> dict:
-    """group -> Answer, or the LLMError that ended its question. A CPU server takes minutes for a round,
-    so every `every` seconds it says how many are answered and about how long the rest will take."""
+def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int,
+            say: Callable[[str], None] = lambda msg: None, every: float = 10.0) -> dict:
+    """key -> Answer, or the LLMError that ended its question, for jobs [(key, messages), ...]. Cached
+    answers come first, at once; a CPU server then takes minutes for the rest, so every `every` seconds
+    this says how many are answered and about how long the others will take."""
+    results = {g: hit for g, messages in jobs if (hit := client.cached(messages)) is not None}
+    todo = [(g, messages) for g, messages in jobs if g not in results]
+
     def one(messages):
         try:
             return client.answer(messages)
         except LLMError as e:  # left to the SM; the client has counted the fault
             return e
-    if not jobs:
-        return {}
-    results, start = {}, time.monotonic()
-    last = start
+    if not todo:
+        return results
+    start = last = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(one, messages): g for g, messages in jobs}
+        futures = {pool.submit(one, messages): g for g, messages in todo}
         for done, f in enumerate(as_completed(futures), 1):
             results[futures[f]] = f.result()
             now = time.monotonic()
-            if done < len(jobs) and now - last >= every:
-                left = (now - start) / done * (len(jobs) - done)
-                say(f"{done}/{len(jobs)} answered, about {_duration(left)} left")
+            if done < len(todo) and now - last >= every:
+                left = (now - start) / done * (len(todo) - done)
+                say(f"{len(results)}/{len(jobs)} answered, about {_duration(left)} left")
                 last = now
     return results
 
@@ -683,7 +686,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         say(f"distill round {r}: asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
             f"{budget} questions left")
         faults_before = sum(client.faults.values())
-        results = _ask_all(client, jobs, c.concurrency, lambda msg: say(f"distill round {r}: {msg}"))
+        results = ask_all(client, jobs, c.concurrency, lambda msg: say(f"distill round {r}: {msg}"))
         failed = 0
         for g, messages in jobs:
             if isinstance(results[g], Answer):

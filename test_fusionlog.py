@@ -1245,14 +1245,18 @@ def test_distill_survives_a_dead_server(tmp_path):
     assert np.all(res.pseudo_labels == -1) and len(res.rounds) == 2
 
 
-def test_asking_a_round_reports_progress_and_keeps_each_answer_with_its_group(fake_llm):
-    client = ChatClient(fake_llm.url)
-    texts = {7: [("Error: disk failure", 1)], 3: [("job started", 1)], 5: [("Exception in thread", 2)]}
+def test_asking_a_round_reports_progress_and_keeps_each_answer_with_its_group(fake_llm, tmp_path):
+    client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "answers.jsonl"))
+    texts = {7: [("Error: disk failure", 1)], 3: [("job started", 1)], 5: [("Exception in thread", 2)],
+             9: [("job finished", 1)]}
     jobs = [(g, build_messages(q, [])) for g, q in texts.items()]
+    client.answer(jobs[0][1])  # set 7's answer is cached
     said = []
-    results = distill._ask_all(client, jobs, 2, said.append, every=0)  # every=0: a line per answer but the last
-    assert {g: a.label for g, a in results.items()} == {7: 1, 3: 0, 5: 1}  # the fake's keyword rule
-    assert [m.split(",")[0] for m in said] == ["1/3 answered", "2/3 answered"] and "left" in said[0]
+    results = distill.ask_all(client, jobs, 2, said.append, every=0)  # every=0: a line per answer but the last
+    assert {g: a.label for g, a in results.items()} == {7: 1, 3: 0, 5: 1, 9: 0}  # the fake's keyword rule
+    # the cached answer counts as answered at once; the time left is estimated from the asked ones only
+    assert [m.split(",")[0] for m in said] == ["2/4 answered", "3/4 answered"] and "left" in said[0]
+    assert fake_llm.requests == 4  # the cached one was not asked again
 
 
 def test_distill_rejects_bad_groups(fake_llm):

@@ -234,8 +234,8 @@ def run_llm_only(args, cache, sources, test, tag: str) -> dict:
     n_cached = sum(client.cached(m) is not None for m in prompts)
     say(f"{tag} llm_only: {len(prompts)} distinct template-sets, {n_cached} answers cached")
 
-    results = distill._ask_all(client, list(enumerate(prompts)), dc.concurrency,  # distillation's asking
-                               lambda msg: say(f"{tag} llm_only: {msg}"))
+    results = distill.ask_all(client, list(enumerate(prompts)), dc.concurrency,  # distillation's asking
+                              lambda msg: say(f"{tag} llm_only: {msg}"))
     answers = [results[i] for i in range(len(prompts))]
     failed = sum(not isinstance(a, distill.Answer) for a in answers)
     set_label = np.array([a.label if isinstance(a, distill.Answer) else 0 for a in answers], dtype=np.int8)
@@ -593,8 +593,8 @@ def render_md(results: dict) -> str:
               "LLM questions asked (of them, new calls this run; the rest came from the answer cache) by "
               f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
               "fit, by `llm_only` (one per distinct template-set it labels) and by all systems of the run "
-              "together (other seeds' runs included); the number of distinct proprietary template-sets of the fit half (the ceiling on useful "
-              "questions); the LLM's latency (`llm_only` wall time per new call); seconds per stage of the "
+              "together (other seeds' runs included); the number of distinct proprietary template-sets of the "
+              "fit half (the ceiling on useful questions); the LLM's latency (`llm_only` wall time per new call); seconds per stage of the "
               "inductive FusionLog fit; peak RSS of the whole target run (all systems, scikit-learn included) "
               "and of FusionLog alone (before the peers ran).", "",
               "| target | FusionLog questions (new) | distinct proprietary sets | llm_only questions (new) | "
