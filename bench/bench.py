@@ -549,7 +549,7 @@ def render_md(results: dict) -> str:
                                    f"response format {llm.get('response_format')}"),
         f"- Library: commit {results['library']}; seed {results['seed']}",
         "- Data: LogHub samples (HDFS 2% of blocks, BGL_2k in windows of 20 lines, OpenStack nova), "
-        f"see `../shared/data/README.md`",
+        "see `../shared/data/README.md`",
         "",
         "**Protocol.** For each target, the other two systems are the labeled sources. The target's sessions "
         "are ordered by first appearance; FusionLog fits on the first half (routing, every LLM call, "
