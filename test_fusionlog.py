@@ -2253,7 +2253,7 @@ def test_bench_oracle_teacher_runs_fusionlog_without_an_llm_and_is_shown_as_a_di
     assert f"| oracle_teacher (diagnostic) | {m['precision']:.3f} |" in md
 
 
-def test_bench_spread_seeds_reruns_a_system_per_seed_and_shows_the_f1_range(monkeypatch):
+def test_bench_spread_seeds_reruns_a_system_per_seed_and_shows_the_f1_range():
     bench = load_bench()
     assert bench.parse_args(["--seed", "1", "--spread-seeds", "2,1,2"]).spread_seeds == [2]  # own seed, repeats
     assert bench.parse_args(["--spread-seeds", ""]).spread_seeds == []
@@ -2262,14 +2262,13 @@ def test_bench_spread_seeds_reruns_a_system_per_seed_and_shows_the_f1_range(monk
     assert bench.make_config("fusionlog", 7).meta.seed == bench.make_config("one_round", 7).distill.seed == 7
     seen = []
 
-    def run_fusionlog(system, args, cache, sources, fit, test, tag, seed=None):  # F1 and calls tell the seed
-        seen.append((system, seed))
+    def run(seed):  # F1 and calls tell the seed
+        seen.append(seed)
         return {"f1": 0.5 + seed / 10, "llm_calls": seed, "llm_cached": 10}
-    monkeypatch.setattr(bench, "run_fusionlog", run_fusionlog)
     args = bench.parse_args(["--llm-url", "none", "--spread-seeds", "1,2"])
     m = {"precision": 0.4, "recall": 1.0, "f1": 0.45, "llm_calls": 5, "llm_cached": 0}
-    bench.spread_seeds(args, m, "one_round", None, [], None, None, "t")
-    assert seen == [("one_round", 1), ("one_round", 2)]
+    bench.spread_seeds(args, m, run)
+    assert seen == [1, 2]
     assert m["f1_by_seed"] == {"0": 0.45, "1": 0.6, "2": 0.7} and list(m["f1_by_seed"]) == ["0", "1", "2"]
     assert m["llm_calls_other_seeds"] == 3 and m["llm_cached_other_seeds"] == 20
     assert bench.spread(m) == "0.450–0.700" and bench.spread({"f1_by_seed": {"0": 0.9141, "1": 0.9138}}) == "0.914"

@@ -47,6 +47,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -323,16 +324,14 @@ def run_peer(system: str, fit: fl.Sessions, test: fl.Sessions, seed: int) -> dic
     return out
 
 
-def spread_seeds(args, m: dict, system: str, cache, sources, fit, test, tag: str) -> None:
-    """Run `system` again with each of --spread-seeds; m gets its F1 per seed (its own seed first) and the
-    LLM questions those runs asked. One seed's F1 can be luck: the spread says how much."""
+def spread_seeds(args, m: dict, run: Callable[[int], dict]) -> None:
+    """Run a system again with each of --spread-seeds (run(seed) -> its metrics); m gets its F1 per seed
+    (its own seed first) and the LLM questions those runs asked. One seed's F1 can be luck: the spread
+    says how much."""
     m["f1_by_seed"] = {str(args.seed): m["f1"]}
     calls = cached = 0
     for seed in args.spread_seeds:
-        if system in ("isolation_forest", "pca"):
-            other = run_peer(system, fit, test, seed)
-        else:
-            other = run_fusionlog(system, args, cache, sources, fit, test, f"{tag} seed {seed}", seed=seed)
+        other = run(seed)
         m["f1_by_seed"][str(seed)] = other["f1"]
         calls += other.get("llm_calls", 0)
         cached += other.get("llm_cached", 0)
@@ -382,16 +381,17 @@ def run_target(args, target_name: str) -> dict:
     for protocol, fit_part, test_part, into in protocols:
         tag = f"{target_name} {protocol}"
         for system in systems:
+            def run(seed: int, system=system, fit_part=fit_part, test_part=test_part, tag=tag) -> dict:
+                if system in ("isolation_forest", "pca"):
+                    return run_peer(system, fit_part, test_part, seed)
+                if system == "llm_only":  # (no seed)
+                    return run_llm_only(args, cache, src_labeled, test_part, tag)
+                shown = tag if seed == args.seed else f"{tag} seed {seed}"
+                return run_fusionlog(system, args, cache, sources, fit_part, test_part, shown, seed=seed)
             say(f"{tag}: {system}")
-            if system in ("isolation_forest", "pca"):
-                into[system] = run_peer(system, fit_part, test_part, args.seed)
-            elif system == "llm_only":
-                into[system] = run_llm_only(args, cache, src_labeled, test_part, tag)
-            else:
-                into[system] = run_fusionlog(system, args, cache, sources, fit_part, test_part, tag)
-            m = into[system]
+            m = into[system] = run(args.seed)
             if args.spread_seeds and system not in SEED_FREE:
-                spread_seeds(args, m, system, cache, sources, fit_part, test_part, tag)
+                spread_seeds(args, m, run)
             seeds = f"seeds {', '.join(m['f1_by_seed'])}: {spread(m)}; " if "f1_by_seed" in m else ""
             say(f"{tag}: {system}: P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
                 f"({seeds}{m['seconds']:.1f}s" + (f", {m['oracle_answers']} oracle answers" if "oracle_answers" in m
