@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import os
 import re
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -88,23 +90,12 @@ class Sessions:
                         [self.sequences[i] for i in index], labels, dict(self.stats))
 
 
-def compile_format(log_format: str, tokens: bool = False) -> re.Pattern | None:
-    r"""Turn a LogHub format string into a regex with one named group per <Field> (LogHub's rule:
-    literal text between fields is regex, runs of spaces match any whitespace, and a field is the
-    shortest text that lets the line match, `.*?`). A field that ends the line takes the rest of it,
-    `.*`: the same match, without a lazy step per character.
-
-    tokens=True: the fast variant read_system tries first (~1.4x faster on HDFS), or None where there is
-    none. It exists when the literal text is plain characters and spaces, no regex syntax but escaped
-    punctuation like `\[`, and a space follows every field but the last (HDFS's `<Component>: <Content>`,
-    Hadoop's `[<Process>] `, BGL, OpenStack). Each such field becomes one whitespace-free token `\S*`,
-    each run of spaces takes all the whitespace there is (`\s+(?!\s)`). A field can then end at one place
-    only (where its plain text meets whitespace), so the fast pattern has one way to match, and it is
-    the first way the LogHub pattern tries: where the fast pattern matches, every field is the same;
-    where it does not (say, a field with a space inside), the LogHub pattern decides."""
+def compile_format(log_format: str) -> re.Pattern:
+    """Turn a LogHub format string into a regex with one named group per <Field>. LogHub's rule: literal
+    text between fields is regex, runs of spaces match any whitespace, a field is the shortest text that
+    lets the line match (`.*?`); a field that ends the line takes the rest of it (`.*`)."""
     parts = re.split(r"(<[^<>]+>)", log_format)  # literal, <field>, literal, <field>, ..., literal
-    names, pattern, has_fast_form = [], "", True
-    plain = r"(?:[^\s\\.^$*+?{}\[\]()|<>]|\\[^\w\s]| )*"  # characters that match themselves, \], spaces
+    names, pattern = [], ""
     for i, part in enumerate(parts):
         if part.startswith("<") and part.endswith(">"):
             name = part[1:-1]
@@ -115,60 +106,19 @@ def compile_format(log_format: str, tokens: bool = False) -> re.Pattern | None:
             names.append(name)
             if i == len(parts) - 2 and parts[-1] == "":  # the field ends the line
                 pattern += f"(?P<{name}>.*)"
-            elif tokens:
-                has_fast_form &= " " in parts[i + 1]
-                pattern += rf"(?P<{name}>\S*)"
-            elif parts[i + 1].startswith(" "):
-                # Departure from LogHub: a field followed by a space is one token. With `.*?` a line that is
-                # not a record (a traceback line) makes the engine try every split of it among the fields:
-                # minutes for a 400-character line. Here each such field can end at one place only.
-                pattern += rf"(?P<{name}>\S*?)"
+            elif parts[i + 1].startswith(" "):  # one token: a traceback line cannot make the engine try
+                pattern += rf"(?P<{name}>\S*?)"  # every split of it among the fields (minutes a line)
             else:
                 pattern += f"(?P<{name}>.*?)"
         else:
-            has_fast_form &= re.fullmatch(plain, part) is not None
-            pattern += re.sub(" +", r"\\s+(?!\\s)" if tokens else r"\\s+", part)
+            pattern += re.sub(" +", r"\\s+", part)
     if "Content" not in names:
         raise ValueError(f"log format {log_format!r}: it needs a <Content> field")
-    if tokens and not has_fast_form:
-        return None
     try:
-        # (?:...) and the conditional: a '|' in the format's literal text must not let a line match without <Content>
+        # (?:...) and the conditional: a '|' in the literal text must not let a line match without <Content>
         return re.compile("^(?:" + pattern + ")$(?(Content)|(?!))")
     except re.error as e:
         raise ValueError(f"log format {log_format!r}: not a valid pattern ({e})") from None
-
-
-def _open_text(path: str | os.PathLike) -> Iterable[str]:
-    """Lines of a text file, decoding bad bytes as U+FFFD; clear errors for what is not a readable file."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a directory, not a file")
-    if not p.is_file():
-        raise ValueError(f"{p}: is not a regular file")  # a FIFO or a device (/dev/zero never ends)
-    try:
-        if p.stat().st_size == 0:
-            raise ValueError(f"{p}: file is empty")
-        return open(p, encoding="utf-8-sig", errors="replace", newline=None)  # -sig: drop a leading BOM
-    except OSError as e:  # permissions and the like
-        raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
-
-
-_CHUNK_CHARS = 1 << 20  # read_system takes the file ~1 MB of text at a time: memory stays bounded
-_KEY_MEMO_CHARS = 1 << 24  # read_system's fast path remembers line keys up to this many characters in all
-
-
-def _digit_blind(regex: str) -> bool:
-    """Whether a regex cannot tell one ASCII digit from another, so that it matches a line and the line
-    with all its digits turned into 1 at the same places: no digit in it but in repeat counts {m,n} and
-    in the class range 0-9, no backreference (?P=name) and no named character \\N{...}."""
-    def rest(piece: re.Match) -> str:  # what is left of an escape, a class or a repeat count
-        s = piece[0]
-        return "" if s[0] == "{" else re.sub(r"(?<!-)0-9", "", s) if s[0] == "[" else s
-    left = re.sub(r"\\.|\[\^?\]?(?:\\.|[^\]\\])*\]|\{\d*,?\d*\}", rest, regex)
-    return re.search(r"[0-9]|\\N|\(\?P=", left) is None
 
 
 class _Numbering(dict):
@@ -179,268 +129,214 @@ class _Numbering(dict):
         return number
 
 
-class _LogReader:
-    """read_system's state while it reads one log: the template dictionary, the sessions so far and the
-    previous record, which a continuation line joins. `line_by_line` is the reading rule; `whole_chunk`
-    gives the same result, with a few operations over the whole chunk, where every line is a record."""
+class SessionReader:
+    """Turns a log's lines into sessions, one line at a time, and hands each session out once it is
+    complete: a window when it is full; a session by id at the end of input, or, with `idle`, once that
+    many lines have passed without one of its own. Memory holds the open sessions only."""
 
-    def __init__(self, spec: SystemSpec, line_re: re.Pattern, fast_re: re.Pattern | None, id_re: re.Pattern | None):
-        self.spec, self.line_re, self.id_re = spec, line_re, id_re
-        self.fast_match = (fast_re or line_re).match
-        # whole_chunk parses line keys with the fast variant of the format (it needs one, with no digit in its
-        # literal text) and finds session ids at their key's places where the session regex is digit-blind
-        # (otherwise with one findall per line)
-        self.by_keys = fast_re is not None and not re.search(r"[0-9]", re.sub(r"<[^<>]+>", "", spec.log_format))
-        self.ids_by_key = id_re is not None and _digit_blind(spec.session_regex)
-        self.template_ids = _Numbering()  # the template dictionary, built once while reading
-        self.session_index = _Numbering()  # session id -> index, in order of first appearance
-        self._forget_keys()
-        # What the records add, one array per chunk. Sessions by id: a (session index, template id) pair
-        # per line and session it names, in line order, and the indices of sessions an anomalous line names
-        # (int32, half the memory). Windows: a template id and an anomalous flag per record.
-        self.pair_sessions: list[np.ndarray] = []
-        self.pair_templates: list[np.ndarray] = []
-        self.anomalous: list[np.ndarray] = []
-        self.record_templates: list[np.ndarray] = []
-        self.record_flags: list[np.ndarray] = []
-        self.stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0, replaced_chars=0)
+    def __init__(self, spec: SystemSpec, name: str, idle: int = 0):
+        self.spec, self.name, self.idle = spec, name, idle
+        self.line_re = compile_format(spec.log_format)
+        if spec.session_regex is None and spec.window <= 0:
+            raise ValueError("give a session regex or a window size > 0")
+        try:
+            self.id_re = re.compile(spec.session_regex) if spec.session_regex else None
+        except re.error as e:
+            raise ValueError(f"session regex {spec.session_regex!r}: not a valid regex ({e})") from None
+        if spec.label_field and spec.label_field not in self.line_re.groupindex:
+            raise ValueError(f"label field {spec.label_field!r} is not a field of the log format "
+                             f"{spec.log_format!r}")
+        self.template_ids = _Numbering()  # the template dictionary; it only grows
+        self.templates: list[str] = []  # ... as a list: index = template id
+        self.open: dict[str, list] = {}  # session id -> [first line, last line, template ids, anomalous]
+        self.window: list[tuple[int, bool]] = []  # windows: the last `window` records (template id, flag)
+        self.stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
+                          replaced_chars=0)
         self.first_line: str | None = None
-        self.prev_ids: list[str] = []
-        self.prev_anomalous = False
+        self.prev: tuple[list[str], bool] | None = None  # the previous record's ids and flag
 
-    def _forget_keys(self) -> None:
-        """Empty whole_chunk's memo of line keys: key -> number; per number (a key_table row) its template
-        id, whether it is anomalous, how many session ids it names and where their spans start in
-        span_table, which holds (start, end) of each id in the line."""
-        self.key_number: dict[str, int] = {}
-        self.key_chars = 0  # (their length in all)
-        self.key_table = np.zeros((0, 4), dtype=np.int64)
-        self.span_table = np.zeros((0, 2), dtype=np.int64)
-
-    def line_by_line(self, chunk: list[str]) -> None:
-        """Read lines one at a time: parse each with the format (its fast variant first, the LogHub
-        pattern where that fails), mask its content (all contents together, router.mask_many), and add
-        its template to the session(s) its id regex names, or to the records for windows."""
-        lines = [raw.strip() for raw in chunk]
-        matches = [(self.fast_match(line) or self.line_re.match(line)) if line else None for line in lines]
-        # a line that matches no format is its own content (see below)
+    def feed(self, lines: list[str]) -> list[tuple[str, list[int], bool]]:
+        """Read these lines; return the sessions they completed, as (id, template ids, anomalous)."""
+        lines = [raw.strip() for raw in lines]
+        self.stats["replaced_chars"] += sum(map(str.count, lines, ["\ufffd"] * len(lines)))
+        matches = [self.line_re.match(line) if line else None for line in lines]
+        # a line that matches no format is its own content (it continues the previous record, see add_line)
         templates = router.mask_many([m["Content"] if m else line for m, line in zip(matches, lines)])
-        self.stats["blank"] += lines.count("")
-        label_field, id_re, stats = self.spec.label_field, self.id_re, self.stats
-        pair_sessions, pair_templates, anomalous, record_templates, record_flags = [], [], [], [], []
+        done: list[tuple[str, list[int], bool]] = []
         for line, m, template in zip(lines, matches, templates):
-            if not line:
-                continue
-            if self.first_line is None:
-                self.first_line = line
-            if m is None:
-                # A line that matches no format continues the previous record (a traceback, say): it joins
-                # that record's session(s) as an event of its own, so multi-line faults stay visible.
-                if not self.prev_ids if id_re is not None else stats["records"] == 0:  # nothing to join
-                    stats["unmatched"] += 1
-                    continue
-                stats["continuation"] += 1
-                is_anomalous, ids = self.prev_anomalous, self.prev_ids
+            self.stats["lines"] += 1
+            if line:
+                self.add_line(line, m, template, done)
             else:
-                stats["records"] += 1
-                is_anomalous = bool(label_field) and m[label_field] != self.spec.normal_value
-                if id_re is not None:
-                    ids = id_re.findall(line)  # strings; tuples (group 1 first) when it has several groups
-                    if id_re.groups > 1:
-                        ids = [g[0] for g in ids]
-                    if len(ids) > 1:
-                        ids = list(dict.fromkeys(ids))  # each id once, in order
-                    if not ids:
-                        stats["unsessioned"] += 1
-                else:
-                    ids = []
-            tid = self.template_ids[template]
-            if id_re is None:
-                record_templates.append(tid)
-                record_flags.append(is_anomalous)
-            for sid in ids:
-                s = self.session_index[sid]
-                pair_sessions.append(s)
-                pair_templates.append(tid)
-                if is_anomalous:
-                    anomalous.append(s)
-            self.prev_ids, self.prev_anomalous = ids, is_anomalous
-        self.pair_sessions.append(np.array(pair_sessions, dtype=np.int32))
-        self.pair_templates.append(np.array(pair_templates, dtype=np.int32))
-        self.anomalous.append(np.array(anomalous, dtype=np.int32))
-        self.record_templates.append(np.array(record_templates, dtype=np.int64))
-        self.record_flags.append(np.array(record_flags, dtype=bool))
+                self.stats["blank"] += 1
+        self.templates += list(self.template_ids)[len(self.templates):]
+        return done
 
-    def whole_chunk(self, text: str, n: int) -> bool:
-        """Read the n lines of `text` exactly as line_by_line would, if every one of them is a record that
-        the fast variant of the format parses as it stands (no blank, unmatched or space-padded line, see
-        below); otherwise read nothing and return False. Instead of line_by_line's loop over the lines
-        (match, mask, look the template up, find the ids, add the template to each id's session): a few
-        calls over the whole chunk, each a loop in C, and Python work only per line key not seen before.
-
-        A line's key is the line with every ASCII digit turned into 1 (router.digit_key; HDFS_2pct: 222k
-        lines, 1.7k keys). The fast variant of the format asks of a digit only that it is no whitespace,
-        so it parses a line and its key alike, the key's Content is the digit key of the line's Content,
-        which masks alike where router.exact_key says so, and a label without digits is its own key. A
-        digit-blind session regex finds its ids at the same places in a line and in its key. So each new
-        key is parsed, masked and searched once; a line is then its key's template and flag, and its ids
-        are the text at its key's id spans. A blank or padded line, a key that does not parse, an inexact
-        Content or a label with a digit sends the chunk to line_by_line (so does a big chunk of mostly new
-        keys, where keys would save nothing)."""
-        if not self.by_keys or "\n\n" in text or text[0] == "\n":  # (a blank line: no need to look further)
-            return False
-        keys = router.digit_key(text).split("\n")
-        if len(keys) > n:
-            keys.pop()  # (the empty piece after the last line break)
-        if self.key_chars + len(text) > _KEY_MEMO_CHARS:  # (memory stays bounded)
-            self._forget_keys()
-        distinct = dict.fromkeys(keys)
-        new, parsed = [k for k in distinct if k not in self.key_number], []  # (in order of first appearance)
-        if any(not k or k[0].isspace() or k[-1].isspace() for k in new):  # blank, or padded: strip() would
-            return False  # change it (checked before parsing any key: no parsing is wasted on such a chunk)
-        if len(new) > max(n // 2, 1000):  # most lines of a big chunk are new keys (free text, as in OpenStack):
-            return False  # parsing key by key would save nothing over line_by_line
-        for key in new:
-            p = self._parse_key(key)
-            if p is None:
-                return False
-            parsed.append(p)
-        if new:
-            rows, spans = [], []
-            for key, template, (_, flag, key_spans) in zip(new, router.mask_many([p[0] for p in parsed]), parsed):
-                self.key_number[key] = len(self.key_table) + len(rows)
-                # (a new template gets the next id here, in order of first appearance, as line by line)
-                rows.append((self.template_ids[template], flag, len(key_spans), len(self.span_table) + len(spans)))
-                spans += key_spans
-                self.key_chars += len(key)
-            self.key_table = np.concatenate([self.key_table, np.array(rows, dtype=np.int64)])
-            self.span_table = np.concatenate([self.span_table, np.array(spans, dtype=np.int64).reshape(-1, 2)])
-        key_of = self.key_table[np.fromiter(map(self.key_number.__getitem__, keys), dtype=np.int64, count=n)]
-        tids, is_anomalous = key_of[:, 0], key_of[:, 1].astype(bool)  # per line
-        self.stats["records"] += n
-        self.prev_anomalous = bool(is_anomalous[-1])
+    def add_line(self, line: str, m: re.Match | None, template: str, done: list) -> None:
+        """One parsed line: add its template to its session(s), or to the window."""
+        stats = self.stats
+        if self.first_line is None:
+            self.first_line = line
+        if m is None:  # no record: a continuation (a traceback, say) joins the previous record's
+            if self.prev is None:  # session(s) as an event of its own, so multi-line faults stay visible
+                stats["unmatched"] += 1
+                return
+            stats["continuation"] += 1
+            ids, anomalous = self.prev
+        else:
+            stats["records"] += 1
+            anomalous = bool(self.spec.label_field) and m[self.spec.label_field] != self.spec.normal_value
+            ids = self.session_ids(line) if self.id_re is not None else []
+            if self.id_re is not None and not ids:
+                stats["unsessioned"] += 1
+        self.prev = (ids, anomalous) if (ids or self.id_re is None) else None
+        tid = self.template_ids[template]
         if self.id_re is None:
-            self.record_templates.append(tids)
-            self.record_flags.append(is_anomalous)
-            return True
-        if self.ids_by_key:
-            ids, line = self._ids_at_key_spans(text, keys, key_of[:, 2], key_of[:, 3])
-        else:  # one findall per line (the lines are unpadded: each is its own stripped line)
-            found = list(map(self.id_re.findall, text.split("\n")[:n]))
-            if self.id_re.groups > 1:
-                found = [[g[0] for g in line_ids] for line_ids in found]
-            ids, line = [sid for line_ids in found for sid in line_ids], np.repeat(np.arange(n), list(map(len, found)))
-        sessions = np.fromiter(map(self.session_index.__getitem__, ids), dtype=np.int64, count=len(ids))
-        self.prev_ids = list(dict.fromkeys(ids[np.searchsorted(line, n - 1):]))  # the last line's ids
-        # Each session once per line, in order (line_by_line: dict.fromkeys of the line's ids). First drop
-        # an id that repeats the one before it on its line (HDFS: "Deleting block blk_1 file .../blk_1");
-        # a line that still names more than one goes through the general rule, np.unique of (line, session).
-        same_line = line[1:] == line[:-1]
-        if same_line.any():
-            keep = np.concatenate([[True], ~(same_line & (sessions[1:] == sessions[:-1]))])
-            line, sessions = line[keep], sessions[keep]
-            if (line[1:] == line[:-1]).any():
-                _, first = np.unique(line * len(self.session_index) + sessions, return_index=True)
-                keep = np.sort(first)
-                line, sessions = line[keep], sessions[keep]
-        self.pair_sessions.append(sessions.astype(np.int32))
-        self.pair_templates.append(tids[line].astype(np.int32))
-        self.anomalous.append(sessions[is_anomalous[line]].astype(np.int32))
-        self.stats["unsessioned"] += n - int(np.count_nonzero(np.diff(line, prepend=-1)))  # lines naming none
-        return True
+            self.add_record(tid, anomalous, done)
+        for sid in ids:
+            self.add_to_session(sid, tid, anomalous, done)
 
-    def _parse_key(self, key: str) -> tuple[str, bool, list[tuple[int, int]]] | None:
-        """line_by_line's parsing, of a line key (not blank, not padded): its Content, whether it is anomalous,
-        and where its session ids are (findall's group 1, or the whole match); None where whole_chunk cannot
-        stand in for line_by_line (see there)."""
-        m, label_field = self.fast_match(key), self.spec.label_field
-        if m is None or not router.exact_key(m["Content"]) or (label_field and "1" in m[label_field]):
-            return None
-        is_anomalous = bool(label_field) and m[label_field] != self.spec.normal_value
-        group = 1 if self.id_re is not None and self.id_re.groups else 0
-        spans = [found.span(group) if found.start(group) >= 0 else (0, 0)  # (an unmatched group 1: findall's "")
-                 for found in (self.id_re.finditer(key) if self.ids_by_key else ())]
-        return m["Content"], is_anomalous, spans
+    def session_ids(self, line: str) -> list[str]:
+        """The ids a line names, each once, in order (group 1 of the regex if it has groups)."""
+        ids = self.id_re.findall(line)
+        if self.id_re.groups > 1:
+            ids = [g[0] for g in ids]
+        return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
 
-    def _ids_at_key_spans(self, text: str, keys: list[str], count: np.ndarray, first: np.ndarray
-                          ) -> tuple[list[str], np.ndarray]:
-        """The session ids of the lines of `text`, in order, and the line of each: the text at the id spans
-        of each line's key (count[i] spans, from span_table[first[i]] on). The same as id_re.findall(line)
-        line by line, for a digit-blind regex."""
-        line = np.repeat(np.arange(len(keys)), count)  # the line of each id
-        span = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(len(line))  # its span_table row
-        lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))  # (a key is as long as its line)
-        offset = (np.cumsum(lengths + 1) - (lengths + 1))[line]  # where the line of each id starts in the text
-        starts, ends = (offset + self.span_table[span, 0]).tolist(), (offset + self.span_table[span, 1]).tolist()
-        return list(map(text.__getitem__, map(slice, starts, ends))), line
+    def add_record(self, tid: int, anomalous: bool, done: list) -> None:
+        """Windows: the record joins the window; a full window is a session (moving by `step` records)."""
+        w, step = self.spec.window, self.spec.step or self.spec.window
+        self.window.append((tid, anomalous))
+        n = self.stats["records"] + self.stats["continuation"]  # records so far, continuations included
+        if len(self.window) > w:
+            del self.window[0]
+        if n >= w and (n - w) % step == 0:
+            done.append((f"records {n - w + 1}-{n}", [t for t, _ in self.window],
+                         any(f for _, f in self.window)))
+
+    def add_to_session(self, sid: str, tid: int, anomalous: bool, done: list) -> None:
+        """Sessions by id: the line joins its session; with `idle`, sessions left that long are complete."""
+        n = self.stats["lines"]
+        if self.idle:
+            while self.open:  # the least recently touched session first (dicts keep insertion order)
+                oldest = next(iter(self.open))
+                if n - self.open[oldest][1] <= self.idle:
+                    break
+                done.append(self.close(oldest))
+        s = self.open.pop(sid, None) if self.idle else self.open.get(sid)
+        if s is None:
+            s = [n, n, [], False]
+        s[1], s[3] = n, s[3] or anomalous
+        s[2].append(tid)
+        self.open[sid] = s  # (with idle: moved to the end, the most recently touched)
+
+    def close(self, sid: str) -> tuple[str, list[int], bool]:
+        _, _, tids, anomalous = self.open.pop(sid)
+        return sid, tids, anomalous
+
+    def finish(self) -> list[tuple[str, list[int], bool]]:
+        """End of input: every open session is complete, in order of first appearance."""
+        if self.stats["records"] == 0:
+            raise ValueError(f"the log format {self.spec.log_format!r} matches no line; "
+                             f"first line: {(self.first_line or '')[:200]!r}")
+        if self.id_re is not None and not self.open and not self.stats.get("sessions"):
+            raise ValueError(f"the session regex {self.spec.session_regex!r} matches no line")
+        if self.id_re is None and self.stats["records"] + self.stats["continuation"] < self.spec.window:
+            raise ValueError(f"window size {self.spec.window} is larger than the log "
+                             f"({self.stats['records']} records)")
+        order = sorted(self.open, key=lambda sid: self.open[sid][0])
+        return [self.close(sid) for sid in order]
+
+    def sessions(self, done: list[tuple[str, list[int], bool]]) -> Sessions:
+        """Completed sessions as Sessions (sharing this reader's growing template list)."""
+        self.stats["sessions"] = self.stats.get("sessions", 0) + len(done)
+        labels = np.array([a for _, _, a in done], dtype=np.int8) if self.spec.label_field else None
+        return Sessions(self.name, self.templates, [sid for sid, _, _ in done],
+                        [np.array(t, dtype=np.int64) for _, t, _ in done], labels, self.stats)
+
+
+def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
+    """A log's lines in batches, as they can be read: from a file, a gzip file (told by its first bytes),
+    or standard input ('-'). Each batch is what one read returned (whole lines, at most ~max_bytes), so
+    the lines of a pipe come through as soon as they arrive. Bad bytes decode as U+FFFD."""
+    f = _open_binary(path)
+    try:
+        rest, first = b"", True
+        while True:
+            try:
+                data = f.read1(max_bytes)
+            except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip file
+                raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+            if not data:
+                break
+            head, sep, tail = (rest + data).rpartition(b"\n")
+            rest = tail
+            if sep:
+                text = head.decode("utf-8", errors="replace")
+                if first:
+                    text, first = text.removeprefix("\ufeff"), False
+                yield text.split("\n")
+        if rest:
+            yield [rest.decode("utf-8", errors="replace").removeprefix("\ufeff" if first else "")]
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _open_binary(path: str | os.PathLike):
+    """A binary stream of the log: standard input for '-', a gzip stream for a gzip file; clear errors
+    for what is not a readable file."""
+    if str(path) == "-":
+        return sys.stdin.buffer
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory, not a file")
+    if not p.is_file():
+        raise ValueError(f"{p}: is not a regular file")  # a FIFO or a device (/dev/zero never ends)
+    try:
+        if p.stat().st_size == 0:
+            raise ValueError(f"{p}: file is empty")
+        f = open(p, "rb")
+    except OSError as e:  # permissions and the like
+        raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if f.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f)
+    return f
+
+
+def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: int = 0,
+                    progress: Callable | None = None) -> Iterator[Sessions]:
+    """A log's sessions in batches, each batch as soon as its sessions are complete (see SessionReader)."""
+    try:
+        reader = SessionReader(spec, name, idle)
+        for lines in read_batches(path):
+            done = reader.feed(lines)
+            if progress and reader.stats["lines"] // 200_000 > (reader.stats["lines"] - len(lines)) // 200_000:
+                progress(f"{path}: {reader.stats['lines']:,} lines read")
+            if done:
+                yield reader.sessions(done)
+        yield reader.sessions(reader.finish())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "", progress: Callable | None = None) -> Sessions:
-    """Read a raw log into Sessions: parse each line with the format, mask its content into a template,
-    and add it to the session(s) its id regex names, or to fixed windows.
+    """Read a whole raw log into Sessions: parse each line with the format, mask its content into a
+    template, and add it to the session(s) its id regex names, or to fixed windows."""
+    name = name or Path(path).stem
+    batches = list(stream_sessions(path, spec, name, 0, progress))
+    s = batches[-1]
+    return Sessions(name, s.templates, [i for b in batches for i in b.ids],
+                    [q for b in batches for q in b.sequences],
+                    None if s.labels is None else np.concatenate([b.labels for b in batches]), s.stats)
 
-    The rule is _LogReader.line_by_line. Speed (the same Sessions; on HDFS_2pct 2-2.5x faster than it):
-    the file is taken in chunks of whole lines, ~1 MB of text each, and a chunk whose lines are all plain
-    records goes through _LogReader.whole_chunk: a few calls over the whole chunk, with Python work only
-    per distinct line up to its digits, instead of a loop over the lines (HDFS: every chunk). Any other
-    chunk (a blank, unmatched, continuation or space-padded line in it, a format without a fast variant,
-    a hex number such as 0x1f) goes line by line. The sessions are grouped once, at the end."""
-    try:
-        line_re = compile_format(spec.log_format)
-        fast_re = compile_format(spec.log_format, tokens=True)  # None when the format has no fast variant
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    if spec.session_regex is None and spec.window <= 0:
-        raise ValueError(f"{path}: give a session regex or a window size > 0")
-    try:
-        id_re = re.compile(spec.session_regex) if spec.session_regex else None
-    except re.error as e:
-        raise ValueError(f"{path}: session regex {spec.session_regex!r}: not a valid regex ({e})") from None
-    if spec.label_field and spec.label_field not in line_re.groupindex:
-        raise ValueError(f"{path}: label field {spec.label_field!r} is not a field of the log format {spec.log_format!r}")
 
-    reader = _LogReader(spec, line_re, fast_re, id_re)
-    stats = reader.stats
-    with _open_text(path) as f:
-        while text := f.read(_CHUNK_CHARS):
-            if not text.endswith("\n"):
-                text += f.readline()  # whole lines only
-            n = text.count("\n") + (not text.endswith("\n"))
-            if not reader.whole_chunk(text, n):
-                reader.line_by_line(text.split("\n")[:n])
-            stats["replaced_chars"] += text.count("\ufffd")
-            stats["lines"] += n
-            if progress and stats["lines"] // 200_000 > (stats["lines"] - n) // 200_000:
-                progress(f"{path}: {stats['lines']:,} lines read")
-    if stats["records"] == 0:
-        raise ValueError(f"{path}: the log format {spec.log_format!r} matches no line; "
-                         f"first line: {(reader.first_line or '')[:200]!r}")
-
-    if id_re is not None:
-        if not reader.session_index:
-            raise ValueError(f"{path}: the session regex {spec.session_regex!r} matches no line")
-        ids = list(reader.session_index)
-        # every session's template ids in line order: the pairs, stably sorted by session, cut per session
-        sessions, tids = np.concatenate(reader.pair_sessions), np.concatenate(reader.pair_templates)
-        tids = tids[np.argsort(sessions, kind="stable")].astype(np.int64)
-        ends = np.cumsum(np.bincount(sessions, minlength=len(ids))).tolist()
-        sequences = [tids[a:b] for a, b in zip([0] + ends[:-1], ends)]
-        labels = None
-        if spec.label_field:
-            labels = np.zeros(len(ids), dtype=np.int8)
-            labels[np.concatenate(reader.anomalous)] = 1
-    else:
-        step = spec.step or spec.window
-        tids, flags = np.concatenate(reader.record_templates), np.concatenate(reader.record_flags)
-        n = len(tids)
-        if n < spec.window:
-            raise ValueError(f"{path}: window size {spec.window} is larger than the log ({n} records)")
-        starts = range(0, max(n - spec.window, 0) + 1, step)
-        ids = [f"records {s + 1}-{min(s + spec.window, n)}" for s in starts]
-        sequences = [tids[s:s + spec.window] for s in starts]
-        labels = np.array([flags[s:s + spec.window].any() for s in starts], dtype=np.int8) if spec.label_field else None
-    templates = list(reader.template_ids)
-    return Sessions(name or Path(path).stem, templates, ids, sequences, labels, stats)
+def _open_text(path: str | os.PathLike) -> Iterable[str]:
+    """Lines of a small text file (a label file), decoding bad bytes as U+FFFD."""
+    _open_binary(path).close()  # the same clear errors
+    return open(path, encoding="utf-8-sig", errors="replace", newline=None)
 
 
 _LABEL_VALUES = {"normal": 0, "0": 0, "anomaly": 1, "anomalous": 1, "abnormal": 1, "1": 1}
@@ -622,6 +518,7 @@ class FusionLog:
         self.embedder: router.TfidfEmbedder | None = None
         self.source_templates: list[str] = []
         self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
+        self.reference: metamodel.Reference | None = None  # the target's statistics, measured at fit
         self.report: dict = {}
 
     # -- the steps of Fig. 2 ------------------------------------------------------------------------
@@ -630,11 +527,12 @@ class FusionLog:
         """Fit one TF-IDF space over every system's templates (unsupervised; target included)."""
         self.embedder = router.TfidfEmbedder().fit([t for s in systems for t in s.templates])
 
-    def features(self, s: Sessions) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
-        """Template vectors (T, V), session vectors (n, V) and the small model's input (n, V + F)."""
+    def features(self, s: Sessions, ref: metamodel.Reference) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+        """Template vectors (T, V), session vectors (n, V) and the small model's input (n, V + F), whose
+        structural part is relative to `ref` (the system's own sessions, measured at fit time)."""
         tvecs = self.embedder.transform(s.templates)
         svecs = router.session_vectors(s.sequences, tvecs)
-        return tvecs, svecs, metamodel.session_features(svecs, s.sequences, len(s.templates))
+        return tvecs, svecs, metamodel.session_features(svecs, s.templates, s.sequences, ref)
 
     def route(self, s: Sessions, tvecs: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """Training-free router: session score = min over its templates of the max cosine to the source."""
@@ -661,8 +559,9 @@ class FusionLog:
         self.progress(f"embedding templates of {len(sources)} source(s) and target {target.name}")
         self.embed(sources + [target])
         self.source_templates = [t for s in sources for t in s.templates]
-        source_feats = [self.features(s) for s in sources]
-        t_tvecs, t_svecs, t_X = self.features(target)
+        source_feats = [self.features(s, metamodel.Reference.measure(s.templates, s.sequences)) for s in sources]
+        self.reference = metamodel.Reference.measure(target.templates, target.sequences)  # kept for predict
+        t_tvecs, t_svecs, t_X = self.features(target, self.reference)
 
         route_scores, general = self.route(target, t_tvecs)
         self.progress(f"routing: {router.split_summary(general)}")
@@ -712,7 +611,7 @@ class FusionLog:
         where this model's fit asked the LLM about the same template-set."""
         if self.params is None:
             raise ValueError("the model is not fitted: call fit() or load() first")
-        tvecs, _, X = self.features(s)
+        tvecs, _, X = self.features(s, self.reference)
         route_scores, general = self.route(s, tvecs)
         scores = metamodel.predict_proba(X, self.params)
         reasons = [self.llm_reasons.get(template_set_key(s.templates, seq)) for seq in s.sequences]
@@ -724,7 +623,7 @@ class FusionLog:
     def save(self, path: str | os.PathLike) -> None:
         """One .npz: the small model's weights plus a JSON config (embedder, source templates, LLM reasons)."""
         state = {"config": self.config.to_dict(), "embedder": self.embedder.to_dict(),
-                 "source_templates": self.source_templates,
+                 "source_templates": self.source_templates, "reference": self.reference.to_dict(),
                  "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()]}
         metamodel.save(path, self.params, state)
 
@@ -735,6 +634,7 @@ class FusionLog:
             model = cls(FusionLogConfig.from_dict(state["config"]), progress=progress)
             model.embedder = router.TfidfEmbedder.from_dict(state["embedder"])
             model.source_templates = list(state["source_templates"])
+            model.reference = metamodel.Reference.from_dict(state["reference"])
             model.llm_reasons = {tuple(k): r for k, r in state.get("llm_reasons", [])}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a fusionlog model file ({e})") from None

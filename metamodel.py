@@ -41,26 +41,22 @@ from scipy.cluster.vq import kmeans2
 from scipy.sparse.linalg import svds
 from scipy.special import expit
 
-FORMAT, VERSION = "fusionlog-model", 1
+FORMAT, VERSION = "fusionlog-model", 2  # 2: the target's Reference is saved
 
 # -----------------------------------------------------------------------------
 # input features
 
 STRUCTURAL_NAMES = (
-    "log_lines",          # log1p(#lines) / log1p(max #lines in the system)
-    "log_distinct",       # log1p(#distinct templates) / log1p(max of it in the system)
-    "set_rarity",         # -log(share of sessions with exactly this template-set) / log(#sessions)
-    "mean_tmpl_rarity",   # mean over the session's templates of -log(share of sessions holding it) / log(#sessions)
+    "log_lines",          # log1p(#lines) / log1p(the reference's max #lines), at most 1
+    "log_distinct",       # log1p(#distinct templates) / log1p(the reference's max of it), at most 1
+    "set_rarity",         # -log(share of reference sessions with exactly this template-set) / log(#reference sessions)
+    "mean_tmpl_rarity",   # mean over the session's templates of -log(share of reference sessions holding it) / log(n)
     "max_tmpl_rarity",    # max of the same
-    "missing_common",     # fraction of the system's common templates (in >= 50% of sessions) the session lacks
-    "length_z",           # robust z-score of log1p(#lines) vs the system's median, clipped to +-3, mapped to [0, 1]
+    "missing_common",     # fraction of the reference's common templates (in >= 50% of its sessions) the session lacks
+    "length_z",           # robust z-score of log1p(#lines) vs the reference's median, clipped to +-3, mapped to [0, 1]
 )
 
-# Weight of the structural block. The semantic block is an L2-normalised row (norm 1, spread over many
-# small entries); the 7 structural features each lie in [0, 1] (block norm about 1-2), so at weight 1
-# neither drowns the other at initialisation. Probe (HDFS <-> OpenStack, one as source, the other as
-# target, session AUC of maml_train's scores): weight 0 (semantics only) 0.73 / 0.30; weight 0.5, 1, 2
-# all ~0.98 / ~0.996. Weights above 1 changed nothing in ranking, so we keep the neutral 1.
+# Weight of the structural block beside the L2-normalised semantic block (README: departures).
 STRUCTURAL_WEIGHT = 1.0
 
 
@@ -77,55 +73,103 @@ def incidence(sequences: list[np.ndarray], n_templates: int) -> sp.csr_matrix:
     return B
 
 
-def structural_features(sequences: list[np.ndarray], n_templates: int) -> np.ndarray:
-    """(n, F) structural features of a system's sessions, each in [0, 1], relative to that system."""
+@dataclass
+class Reference:
+    """What a system's structural features are relative to: statistics of its unlabeled sessions, measured
+    once (at fit time) and keyed by template text, so that a session's features depend on it alone."""
+    templates: list             # the reference's templates; index = reference id
+    share: np.ndarray           # (R,) share of the reference sessions holding each template
+    set_counts: dict            # "3,5,9" (sorted reference ids) -> sessions with exactly that template-set
+    n: int                      # number of reference sessions
+    max_lines: float            # the longest reference session, in lines
+    max_distinct: float         # ... and in distinct templates
+    length_median: float        # median of log1p(#lines)
+    length_scale: float         # its robust spread (MAD, else std, else 1)
+
+    @classmethod
+    def measure(cls, templates: list[str], sequences: list[np.ndarray]) -> "Reference":
+        """The statistics of these sessions (all of a system's unlabeled sessions)."""
+        n = len(sequences)
+        if n == 0:
+            raise ValueError("a reference needs at least one session")
+        B = incidence(sequences, len(templates))                        # (n, T) binary
+        counts: dict[str, int] = {}
+        for i in range(n):
+            key = _set_key(B.indices[B.indptr[i]:B.indptr[i + 1]])
+            counts[key] = counts.get(key, 0) + 1
+        ll = np.log1p([len(s) for s in sequences])
+        med = float(np.median(ll))
+        scale = 1.4826 * float(np.median(np.abs(ll - med)))
+        if scale < 1e-9:                                                # most sessions equally long: std
+            scale = float(ll.std()) if ll.std() > 1e-9 else 1.0
+        return cls(list(templates), np.asarray(B.sum(axis=0)).ravel() / n, counts, n,
+                   float(max(len(s) for s in sequences)), float(np.diff(B.indptr).max()), med, scale)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["share"] = self.share.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Reference":
+        d = dict(d)
+        d["share"] = np.asarray(d["share"], dtype=np.float64)
+        return cls(**d)
+
+
+def _set_key(reference_ids) -> str:
+    """A template-set as sorted reference ids, the key of Reference.set_counts."""
+    return ",".join(map(str, sorted(reference_ids)))
+
+
+def structural_features(templates: list[str], sequences: list[np.ndarray], ref: Reference) -> np.ndarray:
+    """(n, F) structural features of sessions, each in [0, 1], relative to a Reference: row i depends on
+    session i and the reference only. A template the reference never saw is as rare as can be."""
     n = len(sequences)
     if n == 0:
         return np.zeros((0, len(STRUCTURAL_NAMES)))
-    B = incidence(sequences, n_templates)                           # (n, T) binary
+    ref_id = {t: i for i, t in enumerate(ref.templates)}
+    to_ref = np.array([ref_id.get(t, -1) for t in templates], dtype=np.int64)   # (T,) -1 = never seen
+    B = incidence(sequences, len(templates))                        # (n, T) binary
     lines = np.array([len(s) for s in sequences], dtype=np.float64)  # (n,)
     distinct = np.diff(B.indptr).astype(np.float64)                 # (n,)
-    log_n = np.log(n) if n > 1 else 1.0                             # rarity scale: -log(1/n) / log(n) = 1
+    log_n = np.log(ref.n) if ref.n > 1 else 1.0                     # rarity scale: -log(1/n) / log(n) = 1
 
-    def scaled_log(v):  # log1p(v) / log1p(max v), in [0, 1]
-        return np.log1p(v) / np.log1p(v.max()) if v.max() > 0 else np.zeros(n)
+    def scaled_log(v, top):  # log1p(v) / log1p(top), at most 1
+        return np.minimum(np.log1p(v) / np.log1p(top), 1.0) if top > 0 else np.zeros(n)
 
-    # template rarity: -log(share of sessions containing it) / log(n); 0 = in every session, 1 = in one
-    share = np.asarray(B.sum(axis=0)).ravel() / n                   # (T,)
-    rarity = np.clip(-np.log(np.maximum(share, 1.0 / n)) / log_n, 0.0, 1.0)
+    # template rarity: -log(share of reference sessions holding it) / log(n); 0 = in all, 1 = in one or none
+    share = np.where(to_ref >= 0, ref.share[np.maximum(to_ref, 0)], 0.0) if len(ref.share) else np.zeros(len(to_ref))
+    rarity = np.clip(-np.log(np.maximum(share, 1.0 / ref.n)) / log_n, 0.0, 1.0)   # (T,)
     mean_rarity = (B @ rarity) / np.maximum(distinct, 1.0)          # (n,), 0 for an empty session
     max_rarity = B.multiply(rarity[None, :]).tocsr().max(axis=1).toarray().ravel()
 
-    # template-set rarity: how many sessions have exactly this set of distinct templates
-    keys = [B.indices[B.indptr[i]:B.indptr[i + 1]].tobytes() for i in range(n)]   # rows are sorted
-    counts: dict[bytes, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    set_share = np.array([counts[key] for key in keys], dtype=np.float64) / n
-    set_rarity = np.clip(-np.log(set_share) / log_n, 0.0, 1.0)
+    # template-set rarity: how many reference sessions have exactly this set of distinct templates
+    set_count = np.zeros(n)
+    for i in range(n):
+        ids = to_ref[B.indices[B.indptr[i]:B.indptr[i + 1]]]
+        set_count[i] = 0 if (ids < 0).any() else ref.set_counts.get(_set_key(ids), 0)
+    set_rarity = np.clip(-np.log(np.maximum(set_count, 1.0) / ref.n) / log_n, 0.0, 1.0)
 
-    # missing steps: the share of the system's common templates (in >= 50% of sessions) this session lacks
-    common = (share >= 0.5).astype(np.float64)                      # (T,)
-    n_common = common.sum()
-    missing = (n_common - B @ common) / n_common if n_common > 0 else np.zeros(n)
+    # missing steps: the share of the reference's common templates (in >= 50% of its sessions) it lacks
+    common = np.flatnonzero(ref.share >= 0.5)                       # reference ids
+    held = np.isin(to_ref, common).astype(np.float64)               # (T,) this template is a common one
+    missing = (len(common) - B @ held) / len(common) if len(common) else np.zeros(n)
 
-    # length: robust z-score of log1p(#lines) vs the system's median (MAD scale), clipped to +-3, -> [0, 1]
-    ll = np.log1p(lines)
-    med = np.median(ll)
-    scale = 1.4826 * np.median(np.abs(ll - med))
-    if scale < 1e-9:                                                # most sessions equally long: fall back to std
-        scale = ll.std() if ll.std() > 1e-9 else 1.0
-    length_z = (np.clip((ll - med) / scale, -3.0, 3.0) + 3.0) / 6.0
+    # length: robust z-score of log1p(#lines) vs the reference's median, clipped to +-3, -> [0, 1]
+    length_z = (np.clip((np.log1p(lines) - ref.length_median) / ref.length_scale, -3.0, 3.0) + 3.0) / 6.0
 
-    cols = [scaled_log(lines), scaled_log(distinct), set_rarity, mean_rarity, max_rarity, missing, length_z]
+    cols = [scaled_log(lines, ref.max_lines), scaled_log(distinct, ref.max_distinct), set_rarity,
+            mean_rarity, max_rarity, missing, length_z]
     return np.column_stack(cols)                                    # order = STRUCTURAL_NAMES
 
 
-def session_features(sem: sp.csr_matrix, sequences: list[np.ndarray], n_templates: int) -> sp.csr_matrix:
+def session_features(sem: sp.csr_matrix, templates: list[str], sequences: list[np.ndarray],
+                     ref: Reference) -> sp.csr_matrix:
     """The small model's input: semantic session vectors (n, V) beside structural features -> (n, V + F)."""
     if sem.shape[0] != len(sequences):
         raise ValueError(f"sem has {sem.shape[0]} rows but there are {len(sequences)} sessions")
-    struct = STRUCTURAL_WEIGHT * structural_features(sequences, n_templates)   # (n, F) dense, small
+    struct = STRUCTURAL_WEIGHT * structural_features(templates, sequences, ref)   # (n, F) dense, small
     return sp.hstack([sp.csr_matrix(sem, dtype=np.float64), sp.csr_matrix(struct)], format="csr")
 
 
@@ -432,7 +476,8 @@ def load(path) -> tuple[dict, dict]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a fusionlog model (wrong format field)")
     if header.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported model version {header.get('version')!r} (expected {VERSION})")
+        raise ValueError(f"{path}: a model of format version {header.get('version')!r}; this fusionlog reads "
+                         f"version {VERSION} only: fit it again with 'fusionlog run'")
     if not isinstance(header.get("config"), dict) or any(a.dtype.kind != "f" for a in arrays.values()):
         raise ValueError(f"{path}: malformed model (config not a dict or non-float arrays)")
     if header.get("sha256") != _digest(arrays, header["config"]):

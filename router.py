@@ -80,78 +80,20 @@ def mask(text: str) -> str:
     return _MASK_RE.sub("<*>", text)
 
 
-# mask_many's first shortcut: every ASCII digit turned into a 1 (mask_many says why that is exact)
-_DIGITS_TO_ONE = str.maketrans("0123456789", "1111111111")
-
-
-def digit_key(text: str) -> str:
-    """A message's masking key, the message with every ASCII digit turned into 1 (mask_many, shortcut 1):
-    mask(m) == mask(digit_key(m)) whenever exact_key(digit_key(m)). On messages joined by newlines it
-    gives their keys joined by newlines."""
-    return text.translate(_DIGITS_TO_ONE)
-
-
-def exact_key(key: str) -> bool:
-    """Whether a digit key masks like every message that has it: it holds no "1x" or "1X"."""
-    return "1x" not in key and "1X" not in key
-
-
 def mask_many(messages: list[str]) -> list[str]:
-    """[mask(m) for m in messages], the same list, ~15x faster on a large log (HDFS_2pct's contents).
-
-    Two exact shortcuts replace the one-regex-pass-per-message loop:
-    1. Messages that differ only in which ASCII digits they hold share a template. _MASK_RE asks of a
-       digit only whether it is one (the classes \\d, hex, \\w), never which one, except for the literal
-       0 of `0[xX]`; and every digit lies inside some variable, so none is left in a template. Hence
-       mask(m) == mask(k) for k = m with every digit turned into 1, whenever m has no digit right before
-       an x or X (then k has no "1x" or "1X"). Each distinct k is masked once (the 222k lines of
-       HDFS_2pct: 1.2k keys); a message whose k has "1x" or "1X" (0x1f, 3x) is masked as it is.
-       (digit_key and exact_key, for callers that build keys themselves; test_digit_keys_mask_as_their_messages
-       fails if a change to _VARIABLE tells digits apart.)
-    2. Each distinct token is masked once (_mask_by_token)."""
-    keys = _masking_keys(messages)
-    distinct = list(dict.fromkeys(keys))
-    masked = dict(zip(distinct, _mask_by_token(distinct)))
+    """[mask(m) for m in messages], the same list, masking each message's *digit key* once: the message
+    with every ASCII digit turned into 1. _MASK_RE asks of a digit only whether it is one, never which,
+    except for the 0 of `0[xX]`, so a key masks as its message unless a digit stands before an x or X."""
+    text = "\n".join(messages).translate(_DIGITS_TO_ONE)  # all keys in one pass
+    keys = text.split("\n")
+    if len(keys) != len(messages) or "1x" in text or "1X" in text:  # a newline inside, or inexact keys
+        keys = [m if "\n" in m or "1x" in k or "1X" in k else k
+                for m, k in zip(messages, (m.translate(_DIGITS_TO_ONE) for m in messages))]
+    masked = {k: mask(k) for k in dict.fromkeys(keys)}
     return list(map(masked.__getitem__, keys))
 
 
-def _masking_keys(messages: list[str]) -> list[str]:
-    """Each message's key, with mask(key) == mask(message) (mask_many's shortcut 1): its digit key, or the
-    message itself where that key has "1x" or "1X" (or where some message holds a newline)."""
-    text = "\n".join(messages)
-    if not messages or text.count("\n") != len(messages) - 1:  # a message holding a newline: no shortcut
-        return list(messages)
-    keys_text = digit_key(text)
-    keys = keys_text.split("\n")
-    if not exact_key(keys_text):  # (the same as: not every key is exact, as no "1x" spans a line break)
-        # (a message kept as its own key holds a digit other than 1, or "1x": no exact digit key equals it)
-        keys = [k if exact_key(k) else m for k, m in zip(keys, messages)]
-    return keys
-
-
-def _mask_by_token(messages: list[str]) -> list[str]:
-    """[mask(m) for m in messages], masking each distinct token once (where no message holds a newline).
-
-    Masking is local to space-separated tokens: no variable contains a space or a newline, and every
-    lookaround of the regex treats either one exactly like the edge of the string, so
-    mask(a + " " + b) == mask(a) + " " + mask(b), and the same with "\\n". A log repeats its tokens (words,
-    block ids, addresses) many times, so the messages are joined by newlines, cut at spaces, and each
-    DISTINCT token is masked once, in one regex pass over them all."""
-    text = "\n".join(messages)
-    if not messages or text.count("\n") != len(messages) - 1:  # a message holding a newline: no shortcut
-        return [mask(m) for m in messages]
-    tokens = text.split(" ")  # a token may hold a newline, e.g. "50010\nReceiving": that is fine
-    distinct = list(set(tokens))
-    masked = dict(zip(distinct, _MASK_RE.sub("<*>", " ".join(distinct)).split(" ")))  # "<*>" has no space
-    return " ".join(map(masked.__getitem__, tokens)).split("\n")
-
-
-def extract_templates(contents: list[str]) -> tuple[list[str], np.ndarray]:
-    """Mask every line; return the distinct templates (first-appearance order) and each line's template id."""
-    index: dict[str, int] = {}
-    ids = np.fromiter((index.setdefault(t, len(index)) for t in mask_many(contents)),
-                      dtype=np.int64, count=len(contents))
-    return list(index), ids
+_DIGITS_TO_ONE = str.maketrans("0123456789", "1111111111")
 
 
 def tokenize(text: str) -> list[str]:
