@@ -519,6 +519,7 @@ class FusionLog:
         self.source_templates: list[str] = []
         self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
         self.reference: metamodel.Reference | None = None  # the target's statistics, measured at fit
+        self._source_vecs: sp.csr_matrix | None = None  # the source templates in the embedding
         self.report: dict = {}
 
     # -- the steps of Fig. 2 ------------------------------------------------------------------------
@@ -526,6 +527,7 @@ class FusionLog:
     def embed(self, systems: list[Sessions]) -> None:
         """Fit one TF-IDF space over every system's templates (unsupervised; target included)."""
         self.embedder = router.TfidfEmbedder().fit([t for s in systems for t in s.templates])
+        self._source_vecs = None
 
     def features(self, s: Sessions, ref: metamodel.Reference) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
         """Template vectors (T, V), session vectors (n, V) and the small model's input (n, V + F), whose
@@ -536,8 +538,9 @@ class FusionLog:
 
     def route(self, s: Sessions, tvecs: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """Training-free router: session score = min over its templates of the max cosine to the source."""
-        source_vecs = self.embedder.transform(self.source_templates)
-        return router.route(s.sequences, tvecs, source_vecs, self.config.tau)
+        if self._source_vecs is None:
+            self._source_vecs = self.embedder.transform(self.source_templates)  # once per model
+        return router.route(s.sequences, tvecs, self._source_vecs, self.config.tau)
 
     def meta_train(self, sources: list[Sessions], source_feats: list[tuple]) -> dict:
         """General branch: first-order MAML with each source system as a domain (Sec. 3.3)."""
@@ -745,23 +748,45 @@ def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]
     return out
 
 
+class PredictionWriter:
+    """Rows of predictions to a CSV file (default), JSON lines (a path ending .jsonl) or standard output
+    ('-'), flushed after every batch, so a monitor sees each session as soon as it is labeled."""
+    FIELDS = ["session", "label", "score", "route", "route_score", "reason"]
+
+    def __init__(self, path: str):
+        self.path, self.jsonl = path, path.endswith(".jsonl")
+        self.f = sys.stdout if path == "-" else open(path, "w", encoding="utf-8", newline="")
+        self.csv = None if self.jsonl else csv.DictWriter(self.f, fieldnames=self.FIELDS, lineterminator="\n")
+        if self.csv:
+            self.csv.writeheader()
+        self.counts = dict(sessions=0, flagged=0, general=0)
+
+    def write(self, pred: Predictions) -> None:
+        for r in pred.rows():
+            self.f.write(json.dumps(r) + "\n") if self.jsonl else self.csv.writerow(r)
+        self.f.flush()
+        self.counts["sessions"] += len(pred.ids)
+        self.counts["flagged"] += int(pred.labels.sum())
+        self.counts["general"] += int(pred.general.sum())
+
+    def close(self) -> None:
+        if self.f is not sys.stdout:
+            self.f.close()
+
+
 def write_predictions(pred: Predictions, path: str) -> None:
-    """CSV (default) or JSONL (path ending .jsonl), one row per session."""
-    rows = list(pred.rows())
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        if path.endswith(".jsonl"):
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        else:
-            w = csv.DictWriter(f, fieldnames=["session", "label", "score", "route", "route_score", "reason"])
-            w.writeheader()
-            w.writerows(rows)
+    """All rows of `pred` to `path` (see PredictionWriter)."""
+    w = PredictionWriter(path)
+    try:
+        w.write(pred)
+    finally:
+        w.close()
 
 
-def _metrics_line(target: Sessions, pred: Predictions) -> str | None:
-    if target.labels is None or not (target.labels >= 0).any():
+def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
+    if y_true is None or not (y_true >= 0).any():
         return None
-    m = evaluate(target.labels, pred.labels)
+    m = evaluate(y_true, y_pred)
     return (f"evaluation (target labels, used for nothing else): precision {m['precision']:.3f} recall "
             f"{m['recall']:.3f} F1 {m['f1']:.3f} (TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']})")
 
@@ -809,7 +834,7 @@ def cmd_run(args, progress) -> int:
           + (f"; {failed} questions failed and were left to the small model" if failed else ""))
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
-    line = _metrics_line(target, pred)
+    line = _metrics_line(target.labels, pred.labels)
     if line:
         print(line)
         report["metrics"] = evaluate(target.labels, pred.labels)
@@ -821,15 +846,35 @@ def cmd_run(args, progress) -> int:
 
 
 def cmd_predict(args, progress) -> int:
+    """Label a log's sessions as they complete, in bounded memory: the model alone decides each one."""
     model = FusionLog.load(args.model, progress)
-    (sessions,) = _load_systems(args, args.input, "--input", progress)
-    pred = model.predict(sessions)
-    write_predictions(pred, args.out)
-    print(f"{sessions.name}: {len(sessions):,} sessions; routing: {router.split_summary(pred.general)}")
-    print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}")
-    line = _metrics_line(sessions, pred)
-    if line:
-        print(line)
+    inputs = _keyed(args.input, "--input")
+    if len(inputs) != 1:
+        raise ValueError(f"--input: give exactly one log to label (got {len(inputs)})")
+    (name, path), = inputs.items()
+    spec = _system_specs(args, [(name, path)])[name]
+    label_file = _keyed(args.labels, "--labels").get(name)
+    labels = read_labels(label_file) if label_file else None
+    out, say = PredictionWriter(args.out), (print if args.out != "-" else lambda m: print(m, file=sys.stderr))
+    y_true, y_pred = [], []  # (one byte a session: kept only when there are labels to score against)
+    try:
+        for batch in stream_sessions(path, spec, name, args.idle, progress):
+            if labels is not None:
+                batch.labels = np.array([labels.get(sid, -1) for sid in batch.ids], dtype=np.int8)
+            pred = model.predict(batch)
+            out.write(pred)
+            if batch.labels is not None:
+                y_true.append(batch.labels)
+                y_pred.append(pred.labels)
+    finally:
+        out.close()
+    c = out.counts
+    say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(np.repeat([True, False], [c['general'], c['sessions'] - c['general']]))}")
+    say(f"predicted anomalous: {c['flagged']:,} of {c['sessions']:,} sessions -> {args.out}")
+    if y_true:
+        line = _metrics_line(np.concatenate(y_true), np.concatenate(y_pred))
+        if line:
+            say(line)
     return 0
 
 
@@ -904,9 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Label the sessions of a log with a model saved by 'fusionlog run'.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pr.add_argument("--model", required=True, help="model file from 'fusionlog run --model-out'")
-    pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="the log to label")
+    pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
+                    help="the log to label: a file, a .gz file, or '-' for standard input")
     _add_system_flags(pr)
-    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
+    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl; '-' = stdout)")
+    pr.add_argument("--idle", type=int, default=100_000, metavar="N",
+                    help="a session by id is complete once N lines have passed without one of its own (and at "
+                         "the end of input); 0 = only at the end of input. Windows are complete when full")
 
     sub.add_parser("presets", help="list the built-in log formats")
     return parser
