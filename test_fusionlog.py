@@ -145,6 +145,63 @@ def test_tfidf_dict_roundtrip_through_json():
         TfidfEmbedder.from_dict({"vocabulary": ["a"]})
 
 
+# masked templates as router.mask leaves them, HDFS-, OpenStack- and BGL-like: camelCase, `<*>`, punctuation,
+# words repeated within a template, templates with no word left
+LOG_TEMPLATES = [
+    "Receiving block <*> src: /<*> dest: /<*>",
+    "Received block <*> of size <*> from /<*>",
+    "PacketResponder <*> for block <*> terminating",
+    "BLOCK* NameSystem.addStoredBlock: blockMap updated: <*> is added to <*> size <*>",
+    "BLOCK* NameSystem.allocateBlock: /<*> <*>",
+    "Verification succeeded for <*>",
+    "<*> Served block <*> to /<*>",
+    "<*>:Got exception while serving <*> to /<*>:",
+    "writeBlock <*> received exception java.io.IOException: Could not read from stream",
+    "PacketResponder <*> <*> Exception java.io.InterruptedIOException: Interruped while waiting for IO",
+    "Deleting block <*> file /<*>",
+    "BLOCK* ask <*> to delete <*> <*> <*>",
+    "Unexpected error trying to delete block <*>. BlockInfo not found in volumeMap.",
+    "nova.compute.manager [req-<*> <*> <*> - - -] [instance: <*>] VM Started (Lifecycle Event)",
+    "nova.compute.manager [req-<*>] [instance: <*>] During sync_power_state the instance has a pending task "
+    "(spawning). Skip.",
+    "nova.virt.libvirt.imagecache [req-<*>] image <*> at (/<*>): checking",
+    "nova.osapi_compute.wsgi.server [req-<*>] <*> \"GET /<*> HTTP/<*>\" status: <*> len: <*> time: <*>",
+    "nova.compute.claims [req-<*>] [instance: <*>] Total memory: <*> MB, used: <*> MB",
+    "nova.compute.manager [instance: <*>] Took <*> seconds to spawn the instance on the hypervisor.",
+    "nova.virt.libvirt.driver [-] [instance: <*>] Instance destroyed successfully.",
+    "nova.compute.resource_tracker [req-<*>] Final resource view: name=<*> phys_ram=<*>MB used_ram=<*>MB",
+    "instruction cache parity error corrected",
+    "generating core.<*>",
+    "CE sym <*>, at <*>, mask <*>",
+    "data TLB error interrupt",
+    "ciod: failed to read message prefix on control stream (CioStream socket to <*>",
+    "ciod: LOGIN chdir(/<*>) failed: No such file or directory",
+    "rts panic! - stopping execution",
+    "machine check interrupt (bit=<*>): L2 dcache unit data parity error",
+    "Lustre mount FAILED : <*> : block_id : location",
+    "total of <*> ddr error(s) detected and corrected over <*> seconds",
+    "error error error: retry retry (DMA) DMA",
+    "<*> <*> <*>",
+    "",
+]
+
+
+def test_tfidf_equals_scikit_learn_smooth_idf_on_log_templates():
+    """TfidfEmbedder claims scikit-learn's smooth idf with raw counts (no sublinear tf) and L2-normalised rows,
+    unseen words ignored: TfidfVectorizer with the same tokenizer and those settings, columns matched by word."""
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    ours = TfidfEmbedder().fit(LOG_TEMPLATES)
+    ref = text.TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None, smooth_idf=True,
+                               use_idf=True, sublinear_tf=False, norm="l2").fit(LOG_TEMPLATES)
+    assert set(ours.vocabulary_) == set(ref.vocabulary_)
+    cols = [ref.vocabulary_[w] for w in sorted(ours.vocabulary_, key=ours.vocabulary_.get)]  # ours -> sklearn
+    np.testing.assert_allclose(ours.idf_, ref.idf_[cols], rtol=0, atol=1e-9)
+    unseen = ["Receiving zzzunknown block <*>", "completely novel words", "<*> 42"]  # unseen words, no word
+    for docs in (LOG_TEMPLATES, unseen):
+        np.testing.assert_allclose(ours.transform(docs).toarray(), ref.transform(docs).toarray()[:, cols],
+                                   rtol=0, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------------- sessions
 
 def _random_unit_rows(rng, n, v, density=0.3):
