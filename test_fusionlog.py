@@ -2417,3 +2417,43 @@ def test_bench_spread_seeds_reruns_a_system_per_seed_and_shows_the_f1_range():
     md = bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"}, "command": "x",
                           "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0, "targets": {"HDFS": r}})
     assert "| F1 seeds 0,1,2 |" in md and "| one_round | 0.400 | 1.000 | 0.450 | 0.450–0.700 | - | - |" in md
+
+
+def test_bench_scores_the_held_out_half_in_batches_and_tables_whether_they_equal_one_batch():
+    bench = load_bench()
+    seqs, labels = [np.array([i % 2] * (1 + i)) for i in range(25)], np.arange(25) % 3 == 0
+    s = fl.Sessions("t", ["a", "b"], [f"s{i}" for i in range(25)], seqs, labels.astype(np.int8))
+
+    class Stub:  # score from the session's length alone, or (relative=True) against the batch's mean length
+        def __init__(self, relative):
+            self.relative = relative
+
+        def predict(self, b):
+            n = np.array([len(q) for q in b.sequences], dtype=float)
+            scores = n / 26 - (n.mean() / 26 - 0.5 if self.relative else 0)
+            return fl.Predictions(b.ids, (scores >= 0.5).astype(np.int8), scores, np.ones(len(b), bool),
+                                  np.ones(len(b)), [None] * len(b))
+
+    rows = {}
+    for relative in (False, True):
+        model = Stub(relative)
+        rows[relative] = bench.score_in_batches(model, s, model.predict(s))
+        assert [r["batch"] for r in rows[relative]] == list(bench.BATCH_SIZES)
+    whole = Stub(False).predict(s)
+    assert all(r["identical"] and r["max_abs_score_diff"] == 0 and r["flagged"] == whole.labels.sum()
+               for r in rows[False])
+    assert not rows[True][0]["identical"] and rows[True][0]["max_abs_score_diff"] > 0.4
+    assert rows[True][-1]["identical"]  # one batch of 100 holds all 25 sessions: the one-batch result itself
+    m = {"precision": 0.5, "recall": 1.0, "f1": 0.667, "flagged": 12, "batches": rows[True]}
+    md = "\n".join(bench.batch_table(m, 25))
+    assert bench.CONTRACT in md and "| batch size | flagged | F1 | max \\|Δscore\\| | identical |" in md
+    assert f"| 1 | {rows[True][0]['flagged']} | {rows[True][0]['f1']:.3f} |" in md and "| **no** |" in md
+    assert "| 100 | " in md and "| yes |" in md and "| all (25) | 12 | 0.667 | 0 |" in md
+    assert bench.batch_table({"f1": 0.5}, 25) == []  # no batch run (e.g. sm_only): no table
+    r = {"sources": ["web", "db"], "sessions": 50, "anomalous": 9, "fit_sessions": 25, "test_sessions": 25,
+         "test_anomalous": 9, "systems": {"fusionlog": m}, "transductive": {}, "method_system": "fusionlog",
+         "llm_calls": 0, "llm_cached": 0, "distinct_proprietary_sets": 2, "llm_calls_all_systems": 0,
+         "llm_cached_all_systems": 0, "seconds": {}, "peak_rss_mb": 1.0, "peak_rss_mb_fusionlog": None}
+    assert md in bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"},
+                                  "command": "x", "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0,
+                                  "targets": {"HDFS": r}})
