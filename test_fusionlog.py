@@ -145,6 +145,63 @@ def test_tfidf_dict_roundtrip_through_json():
         TfidfEmbedder.from_dict({"vocabulary": ["a"]})
 
 
+# masked templates as router.mask leaves them, HDFS-, OpenStack- and BGL-like: camelCase, `<*>`, punctuation,
+# words repeated within a template, templates with no word left
+LOG_TEMPLATES = [
+    "Receiving block <*> src: /<*> dest: /<*>",
+    "Received block <*> of size <*> from /<*>",
+    "PacketResponder <*> for block <*> terminating",
+    "BLOCK* NameSystem.addStoredBlock: blockMap updated: <*> is added to <*> size <*>",
+    "BLOCK* NameSystem.allocateBlock: /<*> <*>",
+    "Verification succeeded for <*>",
+    "<*> Served block <*> to /<*>",
+    "<*>:Got exception while serving <*> to /<*>:",
+    "writeBlock <*> received exception java.io.IOException: Could not read from stream",
+    "PacketResponder <*> <*> Exception java.io.InterruptedIOException: Interruped while waiting for IO",
+    "Deleting block <*> file /<*>",
+    "BLOCK* ask <*> to delete <*> <*> <*>",
+    "Unexpected error trying to delete block <*>. BlockInfo not found in volumeMap.",
+    "nova.compute.manager [req-<*> <*> <*> - - -] [instance: <*>] VM Started (Lifecycle Event)",
+    "nova.compute.manager [req-<*>] [instance: <*>] During sync_power_state the instance has a pending task "
+    "(spawning). Skip.",
+    "nova.virt.libvirt.imagecache [req-<*>] image <*> at (/<*>): checking",
+    "nova.osapi_compute.wsgi.server [req-<*>] <*> \"GET /<*> HTTP/<*>\" status: <*> len: <*> time: <*>",
+    "nova.compute.claims [req-<*>] [instance: <*>] Total memory: <*> MB, used: <*> MB",
+    "nova.compute.manager [instance: <*>] Took <*> seconds to spawn the instance on the hypervisor.",
+    "nova.virt.libvirt.driver [-] [instance: <*>] Instance destroyed successfully.",
+    "nova.compute.resource_tracker [req-<*>] Final resource view: name=<*> phys_ram=<*>MB used_ram=<*>MB",
+    "instruction cache parity error corrected",
+    "generating core.<*>",
+    "CE sym <*>, at <*>, mask <*>",
+    "data TLB error interrupt",
+    "ciod: failed to read message prefix on control stream (CioStream socket to <*>",
+    "ciod: LOGIN chdir(/<*>) failed: No such file or directory",
+    "rts panic! - stopping execution",
+    "machine check interrupt (bit=<*>): L2 dcache unit data parity error",
+    "Lustre mount FAILED : <*> : block_id : location",
+    "total of <*> ddr error(s) detected and corrected over <*> seconds",
+    "error error error: retry retry (DMA) DMA",
+    "<*> <*> <*>",
+    "",
+]
+
+
+def test_tfidf_equals_scikit_learn_smooth_idf_on_log_templates():
+    """TfidfEmbedder claims scikit-learn's smooth idf with raw counts (no sublinear tf) and L2-normalised rows,
+    unseen words ignored: TfidfVectorizer with the same tokenizer and those settings, columns matched by word."""
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    ours = TfidfEmbedder().fit(LOG_TEMPLATES)
+    ref = text.TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None, smooth_idf=True,
+                               use_idf=True, sublinear_tf=False, norm="l2").fit(LOG_TEMPLATES)
+    assert set(ours.vocabulary_) == set(ref.vocabulary_)
+    cols = [ref.vocabulary_[w] for w in sorted(ours.vocabulary_, key=ours.vocabulary_.get)]  # ours -> sklearn
+    np.testing.assert_allclose(ours.idf_, ref.idf_[cols], rtol=0, atol=1e-9)
+    unseen = ["Receiving zzzunknown block <*>", "completely novel words", "<*> 42"]  # unseen words, no word
+    for docs in (LOG_TEMPLATES, unseen):
+        np.testing.assert_allclose(ours.transform(docs).toarray(), ref.transform(docs).toarray()[:, cols],
+                                   rtol=0, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------------- sessions
 
 def _random_unit_rows(rng, n, v, density=0.3):
@@ -372,32 +429,112 @@ def test_maml_learns_shared_rule_and_transfers_to_held_out_domain():
     assert_params_equal(first, mm.maml_train(train, small))       # deterministic given the seed
 
 
-def test_maml_train_matches_a_reference_first_order_maml():
-    """Same rng protocol, written out independently: adapted copies for the inner loop, the mean of the
-    query gradients at the adapted weights fed to Adam. Catches in-place edits of the meta-weights."""
-    rng = np.random.default_rng(9)
-    domains = [synthetic_domain(rng, d, n=60) for d in (0, 1)]
-    config = mm.MetaConfig(hidden=(5,), meta_iters=3, inner_steps=2, support_size=8, query_size=10, l2=0.01, seed=3)
-    r = np.random.default_rng(config.seed)
-    params = mm.init_params(domains[0][0].shape[1], config.hidden, r)
-    opt = mm.Adam(config.meta_lr)
-    for _ in range(config.meta_iters):
-        total = {k: np.zeros_like(v) for k, v in params.items()}
+# --- a first-order MAML written from the paper's equations, sharing no code with metamodel.py ---------------
+# It consumes the random generator in the same order as maml_train (the initial weights, then per iteration
+# per task one permutation of each class), so both draw the same sets; the sampling rule is written here
+# from the algorithm's description, not taken from metamodel.
+
+def ref_init(n_in, hidden, rng):
+    """He-normal weights for n_in -> hidden... -> 1 logit, zero biases, drawn layer by layer."""
+    sizes, p = [n_in, *hidden], {}
+    for i in range(len(hidden)):
+        p[f"W{i + 1}"] = rng.standard_normal((sizes[i], sizes[i + 1])) * math.sqrt(2 / sizes[i])
+        p[f"b{i + 1}"] = np.zeros(sizes[i + 1])
+    p["Wout"], p["bout"] = rng.standard_normal(sizes[-1]) * math.sqrt(1 / sizes[-1]), np.zeros(1)
+    return p
+
+
+def ref_loss_grads(p, X, y, l2):
+    """Class-balanced BCE of an MLP with ReLU layers (each present class weighs half of the batch) plus
+    l2/2 * sum of squared weight matrices; gradients by backpropagation. X dense (n, d), y 0/1."""
+    n_layers = len(p) // 2 - 1
+    hs = [X]
+    for i in range(1, n_layers + 1):
+        hs.append(np.maximum(hs[-1] @ p[f"W{i}"] + p[f"b{i}"], 0))
+    z = hs[-1] @ p["Wout"] + p["bout"][0]
+    w = np.array([len(y) / (len(set(y)) * np.sum(y == c)) for c in y])  # n / (#classes * #class of i)
+    q = 1 / (1 + np.exp(-z))
+    weights = [f"W{i}" for i in range(1, n_layers + 1)] + ["Wout"]
+    bce = -(y * np.log(q) + (1 - y) * np.log(1 - q))
+    loss = np.mean(w * bce) + l2 / 2 * sum(np.sum(p[k] ** 2) for k in weights)
+    dz = w * (q - y) / len(y)                                    # dLoss/dz
+    g = {"Wout": hs[-1].T @ dz + l2 * p["Wout"], "bout": np.array([dz.sum()])}
+    dh = np.outer(dz, p["Wout"])
+    for i in range(n_layers, 0, -1):
+        da = dh * (hs[i] > 0)
+        g[f"W{i}"], g[f"b{i}"] = hs[i - 1].T @ da + l2 * p[f"W{i}"], da.sum(axis=0)
+        dh = da @ p[f"W{i}"].T
+    return loss, g
+
+
+def ref_support_query(y, support_size, query_size, rng):
+    """Per class (normal, then anomalous): a random order of its sessions; the first half of the class (at
+    least one, at most support_size/2) is support, up to query_size/2 of the rest is query."""
+    support, query = [], []
+    for c in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        s = min(support_size // 2, max(1, len(idx) // 2))
+        support += list(idx[:s])
+        query += list(idx[s:s + min(query_size // 2, len(idx) - s)])
+    return np.array(support), np.array(query)
+
+
+def ref_maml(domains, hidden, iters, alpha, inner_steps, beta, support_size, query_size, l2, seed):
+    """theta' = theta - alpha grad L_support(theta) (inner_steps times) per task; then Adam(beta) on the mean
+    over tasks of grad L_query(theta'), applied to theta (first order)."""
+    rng = np.random.default_rng(seed)
+    theta = ref_init(domains[0][0].shape[1], hidden, rng)
+    m = {k: np.zeros_like(v) for k, v in theta.items()}
+    v = {k: np.zeros_like(x) for k, x in theta.items()}
+    for t in range(1, iters + 1):
+        meta = {k: np.zeros_like(x) for k, x in theta.items()}
         for X, y in domains:
-            support, query = mm._stratified_split([np.flatnonzero(y == 0), np.flatnonzero(y == 1)],
-                                                  config.support_size, config.query_size, r)
-            assert not set(support) & set(query) and set(y[support]) == {0, 1}
-            assert len(support) == config.support_size and set(y[query]) == {0, 1}
-            adapted = copy_params(params)
-            for _ in range(config.inner_steps):
-                g = mm.loss_and_grads(X[support], y[support], mm.class_weights(y[support]), adapted, config.l2)[1]
-                adapted = {k: adapted[k] - config.inner_lr * g[k] for k in adapted}
-            g = mm.loss_and_grads(X[query], y[query], mm.class_weights(y[query]), adapted, config.l2)[1]
-            total = {k: total[k] + g[k] for k in total}
-        params = opt.step(params, {k: v / len(domains) for k, v in total.items()})
+            support, query = ref_support_query(y, support_size, query_size, rng)
+            assert not set(support) & set(query) and set(y[support]) == set(y[query]) == {0, 1}
+            fast = theta
+            for _ in range(inner_steps):
+                g = ref_loss_grads(fast, X[support], y[support], l2)[1]
+                fast = {k: fast[k] - alpha * g[k] for k in fast}
+            g = ref_loss_grads(fast, X[query], y[query], l2)[1]
+            meta = {k: meta[k] + g[k] / len(domains) for k in meta}
+        for k in theta:  # Adam (Kingma & Ba, Algorithm 1)
+            m[k] = 0.9 * m[k] + 0.1 * meta[k]
+            v[k] = 0.999 * v[k] + 0.001 * meta[k] ** 2
+            theta[k] = theta[k] - beta * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+    return theta
+
+
+def test_reference_maml_gradients_match_finite_differences():
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((12, 4)), np.array([0] * 9 + [1] * 3)
+    p = {k: x + 0.1 * rng.standard_normal(x.shape) for k, x in ref_init(4, (3, 2), rng).items()}
+    g, eps = ref_loss_grads(p, X, y, 0.1)[1], 1e-6
+    for k in p:
+        for i in np.ndindex(p[k].shape):
+            plus, minus = copy_params(p), copy_params(p)
+            plus[k][i] += eps
+            minus[k][i] -= eps
+            num = (ref_loss_grads(plus, X, y, 0.1)[0] - ref_loss_grads(minus, X, y, 0.1)[0]) / (2 * eps)
+            assert g[k][i] == pytest.approx(num, rel=1e-5, abs=1e-8), (k, i)
+
+
+def test_maml_train_equals_first_order_maml_written_from_the_equations():
+    rng = np.random.default_rng(9)
+    domains = [synthetic_domain(rng, d, n=60) for d in (0, 1, 2)]
+    X, y = domains[2]
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:3]])
+    domains[2] = (X[keep], y[keep])  # 3 anomalies: unbalanced support and query sets, so class weights matter
+    config = mm.MetaConfig(hidden=(6, 4), meta_iters=4, inner_steps=2, inner_lr=0.3, meta_lr=0.01,
+                           support_size=8, query_size=10, l2=0.01, seed=3)
     got = mm.maml_train(domains, config)
-    for k in params:
-        np.testing.assert_allclose(got[k], params[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    want = ref_maml([(X.toarray(), y) for X, y in domains], config.hidden, config.meta_iters, config.inner_lr,
+                    config.inner_steps, config.meta_lr, config.support_size, config.query_size, config.l2,
+                    config.seed)
+    start = ref_init(domains[0][0].shape[1], config.hidden, np.random.default_rng(config.seed))
+    assert set(got) == set(want)
+    for k in want:
+        assert not np.allclose(want[k], start[k])                   # every parameter moved
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12, err_msg=k)
 
 
 def test_pseudo_domains_differ_in_templates_and_hold_both_classes():
@@ -2256,3 +2393,43 @@ def test_bench_spread_seeds_reruns_a_system_per_seed_and_shows_the_f1_range():
     md = bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"}, "command": "x",
                           "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0, "targets": {"HDFS": r}})
     assert "| F1 seeds 0,1,2 |" in md and "| one_round | 0.400 | 1.000 | 0.450 | 0.450–0.700 | - | - |" in md
+
+
+def test_bench_scores_the_held_out_half_in_batches_and_tables_whether_they_equal_one_batch():
+    bench = load_bench()
+    seqs, labels = [np.array([i % 2] * (1 + i)) for i in range(25)], np.arange(25) % 3 == 0
+    s = fl.Sessions("t", ["a", "b"], [f"s{i}" for i in range(25)], seqs, labels.astype(np.int8))
+
+    class Stub:  # score from the session's length alone, or (relative=True) against the batch's mean length
+        def __init__(self, relative):
+            self.relative = relative
+
+        def predict(self, b):
+            n = np.array([len(q) for q in b.sequences], dtype=float)
+            scores = n / 26 - (n.mean() / 26 - 0.5 if self.relative else 0)
+            return fl.Predictions(b.ids, (scores >= 0.5).astype(np.int8), scores, np.ones(len(b), bool),
+                                  np.ones(len(b)), [None] * len(b))
+
+    rows = {}
+    for relative in (False, True):
+        model = Stub(relative)
+        rows[relative] = bench.score_in_batches(model, s, model.predict(s))
+        assert [r["batch"] for r in rows[relative]] == list(bench.BATCH_SIZES)
+    whole = Stub(False).predict(s)
+    assert all(r["identical"] and r["max_abs_score_diff"] == 0 and r["flagged"] == whole.labels.sum()
+               for r in rows[False])
+    assert not rows[True][0]["identical"] and rows[True][0]["max_abs_score_diff"] > 0.4
+    assert rows[True][-1]["identical"]  # one batch of 100 holds all 25 sessions: the one-batch result itself
+    m = {"precision": 0.5, "recall": 1.0, "f1": 0.667, "flagged": 12, "batches": rows[True]}
+    md = "\n".join(bench.batch_table(m, 25))
+    assert bench.CONTRACT in md and "| batch size | flagged | F1 | max \\|Δscore\\| | identical |" in md
+    assert f"| 1 | {rows[True][0]['flagged']} | {rows[True][0]['f1']:.3f} |" in md and "| **no** |" in md
+    assert "| 100 | " in md and "| yes |" in md and "| all (25) | 12 | 0.667 | 0 |" in md
+    assert bench.batch_table({"f1": 0.5}, 25) == []  # no batch run (e.g. sm_only): no table
+    r = {"sources": ["web", "db"], "sessions": 50, "anomalous": 9, "fit_sessions": 25, "test_sessions": 25,
+         "test_anomalous": 9, "systems": {"fusionlog": m}, "transductive": {}, "method_system": "fusionlog",
+         "llm_calls": 0, "llm_cached": 0, "distinct_proprietary_sets": 2, "llm_calls_all_systems": 0,
+         "llm_cached_all_systems": 0, "seconds": {}, "peak_rss_mb": 1.0, "peak_rss_mb_fusionlog": None}
+    assert md in bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"},
+                                  "command": "x", "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0,
+                                  "targets": {"HDFS": r}})

@@ -5,7 +5,9 @@
 
 Protocol. The target's sessions are ordered by first appearance. FusionLog fits on the first half (routing,
 every LLM call, distillation); the metrics are on the second half, which no LLM and no fit saw. The
-transductive numbers fit and score on all of the target. Target labels are read only to score.
+transductive numbers fit and score on all of the target. Target labels are read only to score. fusionlog's
+held-out half is also scored in consecutive batches of 1, 10 and 100 sessions: a session's label and score
+must not depend on what else is in the batch (issue 11), so each must equal the one-batch result.
 
 Systems, all scored with precision / recall / F1 of the anomalous class on the same sessions:
     fusionlog         the full method (router -> meta-learned small model -> LLM <-> SM distillation)
@@ -71,6 +73,8 @@ SEED_FREE = ("llm_only", "pca")  # their results do not depend on --seed: no F1 
 DIAGNOSTIC_SYSTEMS = ("oracle_teacher",)  # read target labels: a ceiling, never a peer of fusionlog
 LIBRARY_FILES = ("fusionlog.py", "distill.py", "metamodel.py", "router.py")
 STAGES = ("read_parse", "embed_route", "meta_train", "distill", "predict")
+BATCH_SIZES = (1, 10, 100)  # fusionlog's held-out half is also scored in consecutive batches of these sizes
+CONTRACT = "a session's label and score depend only on the model and that session"  # issue 11
 FAKE_MODEL = "fake-keyword-rule"  # the model name sent to the fake server: its answers never share cache keys
                                   # with a real model's
 
@@ -187,7 +191,25 @@ class OracleClient:
         return distill.Answer(label, 0.9, "oracle")
 
 
-def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: int | None = None) -> dict:
+def score_in_batches(model: fl.FusionLog, test: fl.Sessions, whole: fl.Predictions) -> list[dict]:
+    """Score `test` again in consecutive batches of each of BATCH_SIZES sessions: per size the flagged count,
+    F1, whether every session's label and score equal the one-batch result, and the largest score difference."""
+    rows = []
+    for size in BATCH_SIZES:
+        t = time.perf_counter()
+        parts = [model.predict(test.subset(range(i, min(i + size, len(test)))))
+                 for i in range(0, len(test), size)]
+        labels = np.concatenate([p.labels for p in parts])
+        diff = float(np.max(np.abs(np.concatenate([p.scores for p in parts]) - whole.scores), initial=0.0))
+        rows.append({"batch": size, "flagged": int(labels.sum()), "f1": metrics(test.labels, labels)["f1"],
+                     "max_abs_score_diff": diff, "identical": bool(np.array_equal(labels, whole.labels)
+                                                                   and diff <= 1e-9),
+                     "seconds": round(time.perf_counter() - t, 3)})
+    return rows
+
+
+def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: int | None = None,
+                  batches: bool = False) -> dict:
     config = make_config(system, args.seed if seed is None else seed)
     if system == "sm_only":
         client = None
@@ -203,7 +225,13 @@ def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: 
     pred = model.predict(test)
     t_pred = time.perf_counter() - t
     out = metrics(test.labels, pred.labels)
-    out.update(seconds=round(t_fit + t_pred, 3), predict_seconds=round(t_pred, 3),
+    if batches:
+        out["batches"] = score_in_batches(model, test, pred)
+        say(f"{tag} {system}: in batches of " + "; ".join(
+            f"{b['batch']}: {b['flagged']} flagged, F1 {b['f1']:.3f}, max |dscore| "
+            f"{b['max_abs_score_diff']:.4g} ({b['seconds']:.1f}s)" for b in out["batches"]))
+    out.update(flagged=int(pred.labels.sum()), seconds=round(t_fit + t_pred, 3),
+               predict_seconds=round(t_pred, 3),
                stage_seconds=report["seconds"], llm_calls=report["llm_calls"], llm_cached=report["llm_cached"],
                llm_faults=report["llm_faults"], rounds=len(report["rounds"]),
                proprietary=report["proprietary"], general=report["general"],
@@ -381,13 +409,16 @@ def run_target(args, target_name: str) -> dict:
     for protocol, fit_part, test_part, into in protocols:
         tag = f"{target_name} {protocol}"
         for system in systems:
-            def run(seed: int, system=system, fit_part=fit_part, test_part=test_part, tag=tag) -> dict:
+            def run(seed: int, system=system, fit_part=fit_part, test_part=test_part, tag=tag,
+                    protocol=protocol) -> dict:
                 if system in ("isolation_forest", "pca"):
                     return run_peer(system, fit_part, test_part, seed)
                 if system == "llm_only":  # (no seed)
                     return run_llm_only(args, cache, src_labeled, test_part, tag)
                 shown = tag if seed == args.seed else f"{tag} seed {seed}"
-                return run_fusionlog(system, args, cache, sources, fit_part, test_part, shown, seed=seed)
+                batches = protocol == "inductive" and system == "fusionlog" and seed == args.seed
+                return run_fusionlog(system, args, cache, sources, fit_part, test_part, shown, seed=seed,
+                                     batches=batches)
             say(f"{tag}: {system}")
             m = into[system] = run(args.seed)
             if args.spread_seeds and system not in SEED_FREE:
@@ -534,6 +565,19 @@ SYSTEM_NOTES = {
 }
 
 
+def batch_table(m: dict, n: int) -> list[str]:
+    """Markdown lines: fusionlog's held-out half scored in batches, beside the one-batch result ([] if none)."""
+    if "batches" not in m:
+        return []
+    lines = [f"Batch independence: {CONTRACT}, so scoring the held-out sessions in consecutive batches must "
+             "give the one-batch result exactly.", "",
+             "| batch size | flagged | F1 | max \\|Δscore\\| | identical |", "|---|---|---|---|---|"]
+    lines += [f"| {b['batch']:,} | {b['flagged']:,} | {b['f1']:.3f} | {b['max_abs_score_diff']:.4g} | "
+              f"{'yes' if b['identical'] else '**no**'} |" for b in m["batches"]]
+    lines += [f"| all ({n:,}) | {fmt(m.get('flagged'))} | {m['f1']:.3f} | 0 | (the reference) |", ""]
+    return lines
+
+
 def render_md(results: dict) -> str:
     mc, llm = results["machine"], results["llm"]
     lines = [
@@ -589,6 +633,7 @@ def render_md(results: dict) -> str:
                 lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
                              f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
         lines.append("")
+        lines += batch_table(r["systems"].get("fusionlog", {}), r["test_sessions"])
     lines += ["## Costs", "",
               "LLM questions asked (of them, new calls this run; the rest came from the answer cache) by "
               f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
