@@ -1651,6 +1651,112 @@ def test_help_explains_every_option(capsys):
             assert re.search(re.escape(opt) + r"[^\n]*\n?\s+\S", text), opt
 
 
+# ---- inductive prediction: a saved model labels each session on its own ----------------------------
+
+
+def lines_of(path, sid):
+    """The lines of a log that name session `sid` (as a token of its own)."""
+    pattern = re.compile(re.escape(sid) + r"(?![\w-])")
+    return [line for line in Path(path).read_text().splitlines(keepends=True) if pattern.search(line)]
+
+
+def assert_same_predictions(a, b, index=None):
+    index = np.arange(len(a.ids)) if index is None else index
+    np.testing.assert_array_equal(a.labels[index], b.labels)
+    np.testing.assert_allclose(a.scores[index], b.scores, rtol=0, atol=1e-9)
+
+
+def test_a_saved_model_labels_each_session_alone_as_in_any_batch(tmp_path, capsys):
+    fake = FakeLLM().start()
+    try:
+        p = synthetic_logs(tmp_path, np.random.default_rng(0))
+        assert fl.main(run_args(p, tmp_path, fake.url)) == 0
+    finally:
+        fake.stop()
+    model = fl.FusionLog.load(tmp_path / "model.npz")
+    target = fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS")
+    whole = model.predict(target)
+    # run and predict agree row for row, and so do consecutive batches of any size
+    run_rows = read_csv(tmp_path / "pred.csv")
+    assert [(r["session"], r["label"]) for r in run_rows] == [(sid, "Anomaly" if y else "Normal")
+                                                             for sid, y in zip(whole.ids, whole.labels)]
+    assert 0 < whole.labels.sum() < len(whole.ids)
+    for size in (1, 5, 20, 100):
+        for start in range(0, len(target), size):
+            index = np.arange(start, min(start + size, len(target)))
+            assert_same_predictions(whole, model.predict(target.subset(index)), index)
+    # a session's own lines, alone in a file, through the CLI: the same label and score as in the full file
+    rng = np.random.default_rng(1)
+    drawn = list(rng.choice(np.flatnonzero(whole.labels == 1), 3, replace=False)) + \
+        list(rng.choice(np.flatnonzero(whole.labels == 0), 3, replace=False))
+    for i in drawn:
+        one = write(tmp_path / "one.log", "".join(lines_of(p["hdfs"], target.ids[i])))
+        assert fl.main(["-q", "predict", "--model", str(tmp_path / "model.npz"), "--input", f"HDFS={one}",
+                        "--out", str(tmp_path / "one.csv")]) == 0
+        (row,) = read_csv(tmp_path / "one.csv")
+        assert row["session"] == target.ids[i] and row == run_rows[i]
+
+
+def test_windows_alone_are_labeled_as_in_the_whole_log(tmp_path):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
+    hdfs = fl.attach_labels(fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS"), fl.read_labels(p["hdfs_labels"]))
+    db = fl.read_system(p["db"], DB_SPEC, "db")  # windows of 5 records
+    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=30)))
+    model.fit([web, hdfs], db)
+    model.save(tmp_path / "m.npz")
+    model = fl.FusionLog.load(tmp_path / "m.npz")
+    whole = model.predict(db)
+    lines = Path(p["db"]).read_text().splitlines(keepends=True)
+    for w in (0, 7, len(db) - 1):
+        alone = model.predict(fl.read_system(write(tmp_path / "w.log", "".join(lines[5 * w:5 * w + 5])), DB_SPEC, "db"))
+        assert_same_predictions(whole, alone, np.array([w]))
+    for size in (1, 3, 10):
+        got = [model.predict(db.subset(np.arange(a, min(a + size, len(db))))) for a in range(0, len(db), size)]
+        np.testing.assert_allclose(np.concatenate([g.scores for g in got]), whole.scores, rtol=0, atol=1e-9)
+
+
+def test_predict_reads_stdin_and_gzip_and_closes_idle_sessions(tmp_path, monkeypatch, capsys):
+    import gzip
+    import io
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
+    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=30)))
+    model.fit([web, fl.read_system(p["db"], DB_SPEC, "db")], fl.read_system(p["hdfs"], fl.PRESETS["HDFS"]))
+    model.save(tmp_path / "m.npz")
+    raw = Path(p["hdfs"]).read_bytes()
+    (tmp_path / "h.log.gz").write_bytes(gzip.compress(raw))
+
+    def predict(path, *extra):
+        assert fl.main(["-q", "predict", "--model", str(tmp_path / "m.npz"), "--input", f"HDFS={path}", *extra]) == 0
+        return capsys.readouterr().out
+
+    plain = predict(p["hdfs"], "--out", "-")
+    assert plain.startswith("session,label,score,route,route_score,reason\n") and plain.count("\n") == 151
+    assert predict(tmp_path / "h.log.gz", "--out", "-") == plain
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert predict("-", "--out", "-") == plain
+    # --idle: a session that has seen no line for N lines is complete; its id may start a new session later
+    lines = raw.decode().splitlines(keepends=True)
+    again = write(tmp_path / "again.log", "".join(lines + lines[:4]))  # blk_1000 comes back 600 lines later
+    rows = predict(again, "--out", "-", "--idle", "100").splitlines()
+    assert len(set(rows)) > 3 and len(rows) == 1 + 150 + 1 and rows[1].startswith("blk_1000,") and rows[-1].split(",")[0] == "blk_1000"
+    assert rows[1] == rows[-1]  # the same four lines again: the same row
+    rows = predict(again, "--out", "-", "--idle", "0").splitlines()  # only at the end: one blk_1000, six lines
+    assert len(rows) == 1 + 150 and sum(r.startswith("blk_1000,") for r in rows) == 1
+
+
+def test_session_reader_hands_out_sessions_as_soon_as_they_are_complete():
+    reader = fl.SessionReader(fl.PRESETS["HDFS"], "h", idle=3)
+    line = "081109 203518 143 INFO dfs.DataNode: Receiving block {}".format
+    assert reader.feed([line("blk_1"), line("blk_2")]) == []
+    assert reader.feed([line("blk_2"), line("blk_2")]) == []  # line 4: blk_1 was 3 lines ago
+    assert [s for s, _, _ in reader.feed([line("blk_3")])] == ["blk_1"]  # line 5: more than 3 lines ago
+    assert [s for s, _, _ in reader.finish()] == ["blk_2", "blk_3"]
+    windows = fl.SessionReader(fl.SystemSpec("<Level> <Content>", window=2), "w")
+    assert windows.feed(["INFO a"]) == [] and windows.feed(["INFO b"]) == [("records 1-2", [0, 1], False)]
+
+
 SHARED = __import__("pathlib").Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
