@@ -67,6 +67,14 @@ MIN_CLASS_SHARE = 0.005  # fine-tune only if each class holds this share of the 
 
 
 # ---- which template-sets to ask about
+def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int) -> list[int]:
+    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting.
+    Not only those within the margin: an SM trained on other systems can be sure of everything."""
+    want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
+            if g not in answers or answers[g].label != sm_label[g]]
+    return diverse_first(want, question_vecs, set(answers), budget, DIVERSITY)
+
+
 def diverse_first(order: list[int], question_vecs, answered: set, budget: int, cap: float) -> list[int]:
     """`order` (most uncertain first) re-ordered so that its first `budget` unanswered groups are diverse:
     a group whose question has cosine >= cap to one already picked waits. Picks first, then the rest."""
@@ -206,13 +214,10 @@ class DistillResult:
 def distill(params: dict, X, group, questions: list, question_vecs, pool: ExamplePool, replay,
             client: ChatClient, config: DistillConfig | None = None, *, predict_proba: Callable,
             fine_tune: Callable, progress: Callable[[str], None] | None = None) -> DistillResult:
-    """Multi-round LLM <-> SM distillation over the proprietary sessions X (n, D), grouped by template-set.
-
-    group (n,) maps sessions to groups 0..G-1; questions[g] = [(template, count), ...] and question_vecs
-    (G, V) describe each group; replay = (X_src (m, D), y_src (m,)) or None. predict_proba(X, params) -> (n,);
-    fine_tune(params, X, y, w) -> new params. Round counts are in groups, except pseudo_labeled_sessions;
-    `asked` includes the `cached` answers, so new requests = asked - cached.
-    """
+    """Multi-round LLM <-> SM distillation over the proprietary sessions X (n, D); group (n,) maps them to
+    template-sets 0..G-1, described by questions[g] = [(template, count), ...] and question_vecs (G, V);
+    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w) -> params.
+    Round counts are in groups (but pseudo_labeled_sessions); new requests = asked - cached."""
     c, say = config or DistillConfig(), progress or (lambda msg: None)
     group, G = _checked_groups(group, X, questions, question_vecs), len(questions)
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
@@ -223,11 +228,8 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         # 1. the SM's view of each group: the mean probability of its sessions
         p = np.bincount(group, weights=predict_proba(X, params), minlength=G) / np.maximum(sizes, 1)  # (G,)
         sm_label = (p >= 0.5).astype(np.int64)
-        # 2. ask the LLM about unanswered and disputed groups, least sure first, while the budget lasts (not
-        #    only those within the margin: an SM trained on other systems can be sure of everything)
-        want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
-                if g not in answers or answers[g].label != sm_label[g]]
-        want = diverse_first(want, question_vecs, set(answers), budget, DIVERSITY)
+        # 2. ask the LLM about unanswered and disputed groups, the SM's least sure first, within the budget
+        want = whom_to_ask(p, sm_label, answers, question_vecs, budget)
         jobs, n_cached, budget = _new_questions(client, want, prompts(want, questions, question_vecs, examples),
                                                 asked_with, budget)
         say(f"distill round {r}: asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
@@ -241,8 +243,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
                                     sizes))
         say("distill round {round}: agreed {agreed}, disputed {disputed}, flipped {flipped}, pseudo-labeled "
             "{pseudo_labeled} sets / {pseudo_labeled_sessions} sessions".format(**rounds[-1]))
-        # 4. converged when no pseudo-label changed: stop, after one more fine-tuning pass only if the SM
-        #    still contradicts some of these labels
+        # 4. converged (no pseudo-label changed): stop, after one more fine-tuning if the SM contradicts them
         converged = r > 1 and rounds[-1]["flipped"] == 0
         if converged and np.all(sm_label[labels >= 0] == labels[labels >= 0]):
             break
@@ -257,10 +258,15 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         if converged:
             break
         # 6. groups both views agree on become in-system examples for the next round's prompts
-        agree = [g for g, a in sorted(answers.items()) if a.label == sm_label[g]]
-        examples = pool.extend([questions[g] for g in agree], question_vecs[agree], labels[agree],
-                               np.array(agree)) if agree else pool
+        examples = with_agreed(pool, answers, sm_label, labels, questions, question_vecs)
     return DistillResult(params, answers, rounds)
+
+
+def with_agreed(pool: ExamplePool, answers: dict, sm_label, labels, questions, question_vecs) -> ExamplePool:
+    """The pool plus the target groups on which the LLM and the SM agree, as labeled examples."""
+    agree = [g for g, a in sorted(answers.items()) if a.label == sm_label[g]]
+    return pool.extend([questions[g] for g in agree], question_vecs[agree], labels[agree],
+                       np.array(agree)) if agree else pool
 
 
 def fuse_all(p, answers: dict, config: DistillConfig) -> tuple[np.ndarray, np.ndarray]:
