@@ -107,7 +107,7 @@ def format_session(templates_with_counts: list[tuple[str, int]], max_templates: 
     lines = []
     for text, count in templates_with_counts[:max_templates]:
         text = text if len(text) <= MAX_TEMPLATE_CHARS else text[:MAX_TEMPLATE_CHARS] + "..."
-        lines.append(f"{json.dumps(text)} x{int(count)}")  # quoting escapes quotes and newlines: one line each
+        lines.append(f"{json.dumps(text)} x{int(count)}")  # quoted: quotes and newlines escaped, one line
     if len(templates_with_counts) > max_templates:
         lines.append(f"(+{len(templates_with_counts) - max_templates} more distinct templates)")
     return "Session:\n" + ("\n".join(lines) if lines else "(no log lines)")
@@ -137,7 +137,8 @@ class ExamplePool:
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        self.origin = np.asarray(np.full(len(self.texts), -1) if self.origin is None else self.origin, np.int64)
+        self.origin = np.asarray(np.full(len(self.texts), -1) if self.origin is None else self.origin,
+                                 dtype=np.int64)
         if not (len(self.texts) == self.vecs.shape[0] == len(self.labels) == len(self.origin)):
             raise ValueError(f"example pool: {len(self.texts)} texts, {self.vecs.shape[0]} vectors, "
                              f"{len(self.labels)} labels, {len(self.origin)} origins")
@@ -207,8 +208,7 @@ class DistillResult:
     """What distillation produced."""
     params: dict   # the fine-tuned small model
     answers: dict  # group -> its latest Answer
-    rounds: list   # per round: round, asked, cached, failed, agreed, disputed, flipped, faults, pseudo_labeled,
-                   #   pseudo_labeled_sessions, fine_tuned
+    rounds: list   # per round: asked, cached, failed, agreed, disputed, flipped, faults, pseudo_labeled, ...
 
 
 def distill(params: dict, X, group, questions: list, question_vecs, pool: ExamplePool, replay,
@@ -230,8 +230,8 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         sm_label = (p >= 0.5).astype(np.int64)
         # 2. ask the LLM about unanswered and disputed groups, the SM's least sure first, within the budget
         want = whom_to_ask(p, sm_label, answers, question_vecs, budget)
-        jobs, n_cached, budget = _new_questions(client, want, prompts(want, questions, question_vecs, examples),
-                                                asked_with, budget)
+        asking = prompts(want, questions, question_vecs, examples)
+        jobs, n_cached, budget = _new_questions(client, want, asking, asked_with, budget)
         say(f"distill round {r}: asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
             f"{budget} questions left")
         failed, faults = _ask(client, jobs, c.concurrency, answers, asked_with, say, r)
@@ -239,8 +239,8 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         # 3. fuse the two views of each group into a weighted pseudo-label
         prev = labels
         labels, weights = fuse_all(p, answers, c)
-        rounds.append(_round_record(r, jobs, n_cached, failed, faults, answers, sm_label, labels, prev, weights,
-                                    sizes))
+        rounds.append(_round_record(r, jobs, n_cached, failed, faults, answers, sm_label, labels, prev,
+                                    weights, sizes))
         say("distill round {round}: agreed {agreed}, disputed {disputed}, flipped {flipped}, pseudo-labeled "
             "{pseudo_labeled} sets / {pseudo_labeled_sessions} sessions".format(**rounds[-1]))
         # 4. converged (no pseudo-label changed): stop, after one more fine-tuning if the SM contradicts them
@@ -315,8 +315,8 @@ def _round_record(r, jobs, n_cached, failed, faults, answers, sm_label, labels, 
     agreed = sum(1 for g, a in answers.items() if a.label == sm_label[g])
     return dict(round=r, asked=len(jobs), cached=n_cached, failed=failed, agreed=agreed,
                 disputed=len(answers) - agreed, flipped=int(np.sum(labels != prev)), faults=faults,
-                pseudo_labeled=int(np.sum(weights > 0)), pseudo_labeled_sessions=int(sizes[weights > 0].sum()),
-                fine_tuned=False)
+                pseudo_labeled=int(np.sum(weights > 0)),
+                pseudo_labeled_sessions=int(sizes[weights > 0].sum()), fine_tuned=False)
 
 
 # ---- fine-tuning with replay
@@ -344,9 +344,7 @@ SCHEMA = {  # no min/max keywords: OpenAI's strict mode rejects some; parse_answ
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["normal", "anomalous"]},
                    "confidence": {"type": "number", "description": "0 to 1"}, "reason": {"type": "string"}},
-    "required": ["label", "confidence", "reason"],
-    "additionalProperties": False,
-}
+    "required": ["label", "confidence", "reason"], "additionalProperties": False}
 LABEL_NAMES = ("normal", "anomalous")  # index = label
 
 
@@ -420,29 +418,25 @@ def _label_class(token: str) -> int | None:
 
 
 def label_probability(logprobs) -> float | None:
-    """p(anomalous) from `choices[0].logprobs` of a chat reply, or None if it cannot be read.
-
-    Reads OpenAI's format {"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]} (also
-    llama.cpp's) and the older {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}]}: at the token
-    where the value of "label" starts, the mass of candidates beginning "anomalous" against "normal".
-    """
+    """p(anomalous) from `choices[0].logprobs` of a chat reply (OpenAI's format, also llama.cpp's, or the
+    older completion one), or None: at the token where the value of "label" starts, the probability mass
+    of the candidates that begin "anomalous" against those that begin "normal"."""
     try:
         if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-            items = [(c["token"], c["logprob"], [(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
+            items = [(c["token"], c["logprob"],
+                      [(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
                      for c in logprobs["content"]]
         elif isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
             items = [(t, lp, list((top or {}).items())) for t, lp, top in
                      zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs.get("top_logprobs") or [])]
         else:
             return None
-        starts, text = [], ""
-        for token, _, _ in items:  # char offset of each token in the generated text
-            starts.append(len(text))
-            text += token
+        text = "".join(token for token, _, _ in items)
+        starts = np.cumsum([0] + [len(token) for token, _, _ in items[:-1]])  # char offset of each token
         m = re.search(r'"label"\s*:\s*"', text)
         if m is None:
             return None
-        token, lp, top = items[max(j for j, s in enumerate(starts) if s <= m.end())]  # holds the value's 1st char
+        token, lp, top = items[int(np.flatnonzero(starts <= m.end())[-1])]  # holds the value's first char
         cands = dict(top)
         cands.setdefault(token, lp)
         mass = [0.0, 0.0]
@@ -479,8 +473,8 @@ class AnswerCache:
                 p = rec.get("p_anomalous")
                 ans = Answer(int(rec["label"]), float(rec["confidence"]), str(rec["reason"]),
                              None if p is None else float(p), cached=True)
-                if ans.label not in (0, 1) or not 0 <= ans.confidence <= 1 or not isinstance(rec["key"], str) \
-                        or not (p is None or 0 <= ans.p_anomalous <= 1):
+                if ans.label not in (0, 1) or not 0 <= ans.confidence <= 1 \
+                        or not isinstance(rec["key"], str) or not (p is None or 0 <= ans.p_anomalous <= 1):
                     raise ValueError
                 self._answers[rec["key"]] = ans
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -523,20 +517,18 @@ class ChatClient:
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  response_format: str = "json_object_schema", timeout: float = 120.0, max_retries: int = 3,
                  backoff: float = 1.0, max_wait: float = 60.0, logprobs: bool = False, max_tokens: int = 200,
-                 max_bytes: int = 4_000_000, cache: AnswerCache | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 max_bytes: int = 4_000_000, cache: AnswerCache | None = None, sleep: Callable = time.sleep):
         if response_format not in _FORMATS:
             raise ValueError(f"response_format must be one of {', '.join(_FORMATS)}, got {response_format!r}")
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8080/v1").rstrip("/")
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8080/v1")
+        self.base_url = self.base_url.rstrip("/")
         self.model = model or os.environ.get("OPENAI_MODEL") or "local"
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or None  # never shown, logged or cached
         self.response_format, self.logprobs, self.cache = response_format, logprobs, cache
-        self.timeout = timeout          # seconds per attempt, each read and the whole reply (~15 s per prompt)
-        self.max_retries = max_retries  # attempts = 1 + max_retries
-        self.backoff = backoff          # waits backoff * 2**attempt seconds, unless Retry-After says otherwise
-        self.max_wait = max_wait        # cap on any single wait, even one a server asks for
-        self.max_tokens = max_tokens    # the JSON answer with a short reason fits easily
-        self.max_bytes = max_bytes      # larger replies are refused (BadAnswer), not read into memory
+        # timeout: seconds per attempt, for each read and the whole reply; attempts = 1 + max_retries, waiting
+        # backoff * 2**attempt s (or as Retry-After says), at most max_wait; replies over max_bytes fail
+        self.timeout, self.max_retries, self.backoff, self.max_wait = timeout, max_retries, backoff, max_wait
+        self.max_tokens, self.max_bytes = max_tokens, max_bytes
         self.faults: Counter = Counter()  # fault kind -> count, over the client's life
         self._sleep, self._lock = sleep, threading.Lock()
         self._session = requests.Session()  # one connection pool, shared by the worker threads
@@ -567,7 +559,8 @@ class ChatClient:
         bounds each read only, so a server dripping a byte at a time would otherwise never time out."""
         chunks, size = [], 0
         read1 = getattr(resp.raw, "read1", None)  # urllib3 2: whatever bytes are there (iter_content waits)
-        for chunk in iter(lambda: read1(65536, decode_content=True), b"") if read1 else resp.iter_content(65536):
+        arriving = iter(lambda: read1(65536, decode_content=True), b"") if read1 else resp.iter_content(65536)
+        for chunk in arriving:
             if time.monotonic() > deadline:
                 raise requests.Timeout(f"reply from {url} not complete within {self.timeout} s")
             size += len(chunk)
@@ -595,7 +588,8 @@ class ChatClient:
                     if resp.status_code not in _RETRY_STATUS:  # 400, 401, 404...: retrying will not help
                         self._fault(kind)
                         snippet = next(resp.iter_content(300), b"").decode("utf-8", "replace")
-                        raise LLMError(self._scrub(f"LLM server {url} answered HTTP {resp.status_code}: {snippet}"))
+                        raise LLMError(self._scrub(f"LLM server {url} answered HTTP {resp.status_code}: "
+                                                   f"{snippet}"))
                     after = _retry_after(resp.headers.get("Retry-After"))
                     wait = wait if after is None else after
             except requests.Timeout:
@@ -655,10 +649,12 @@ class ChatClient:
         tiny = {"model": self.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
                 "temperature": 0}
         try:
-            with self._session.get(f"{url}/models", headers=self._headers(), timeout=timeout, stream=True) as r:
+            with self._session.get(f"{url}/models", headers=self._headers(), timeout=timeout,
+                                   stream=True) as r:
                 if (status := r.status_code) == 200:
                     try:
-                        return [str(m["id"]) for m in self._read_json(r, url, time.monotonic() + timeout)["data"]]
+                        models = self._read_json(r, url, time.monotonic() + timeout)["data"]
+                        return [str(m["id"]) for m in models]
                     except (LLMError, KeyError, TypeError):
                         return []  # reachable; the model list is only informative
             if status == 404:  # some servers have no /models: try a tiny chat instead
@@ -678,9 +674,8 @@ class ChatClient:
 
 def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int,
             say: Callable[[str], None] = lambda msg: None, every: float = 10.0) -> dict:
-    """key -> Answer, or the LLMError that ended its question, for jobs [(key, messages), ...]. Cached
-    answers come first, at once; then every `every` seconds this says how many are answered and about how
-    long the others will take (a CPU server takes minutes)."""
+    """key -> Answer, or the LLMError that ended its question, for jobs [(key, messages), ...]: cached answers
+    at once, then every `every` seconds a line on how many are answered and how long the rest will take."""
     results = {g: hit for g, messages in jobs if (hit := client.cached(messages)) is not None}
     todo = [(g, messages) for g, messages in jobs if g not in results]
 
@@ -699,10 +694,7 @@ def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency:
             now = time.monotonic()
             if done < len(todo) and now - last >= every:
                 left = (now - start) / done * (len(todo) - done)
-                say(f"{len(results)}/{len(jobs)} answered, about {_duration(left)} left")
+                left = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+                say(f"{len(results)}/{len(jobs)} answered, about {left} left")
                 last = now
     return results
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
