@@ -1,10 +1,8 @@
 """Semantic router: TF-IDF embedding and the training-free general/proprietary split (paper Sec. 3.2).
 
-The first stage of FusionLog (Zhao et al., arXiv 2511.05878): before any model sees the target system,
-every unlabeled target session goes either to the *general* branch (its events look like events of the
-labeled source systems, so the meta-learned small model can score it directly) or to the *proprietary*
-branch (some event of it has nothing alike in the sources, so the LLM <-> small-model distillation has to
-label it). The router only compares texts: no labels, no training.
+The first stage of FusionLog (Zhao et al., arXiv 2511.05878): each unlabeled target session goes to the
+*general* branch if its events look like events of the labeled source systems (the meta-learned small model
+scores it directly), else to the *proprietary* one (LLM <-> small-model distillation). No labels, no training.
 
     raw content --mask--> template --tokenize--> words --TfidfEmbedder--> template vector (T, V)
     sessions --session_vectors--> mean of distinct template vectors (n, V)
@@ -13,18 +11,12 @@ label it). The router only compares texts: no labels, no training.
     route:           general = score >= TAU
 
 Departures from the paper:
-- Templates come from one regex pass (`mask`) that replaces variables by `<*>`, not from a log parser such
-  as Drain. On HDFS / BGL / OpenStack this already collapses lines to a few dozen to a few hundred
-  templates; a parser would merge a few more (e.g. free-text fields).
+- Templates come from one regex pass (`mask`), not from a log parser such as Drain.
 - The embedding is TF-IDF over camelCase/snake_case-split words (scikit-learn's smooth idf), not a
-  pre-trained language model: numpy + scipy only, deterministic. Cosine of unit TF-IDF rows plays the
-  role of the paper's embedding similarity.
-- A session's score is the min over its templates of the max cosine to a source template: it is
-  "general" only if EVERY one of its events has a close counterpart in some source system, since one
-  unknown event is exactly what the source-trained model cannot judge. A template with no words left
-  after masking has a zero vector and scores 0.
-- TAU = 0.5 is not tuned to data: for unit TF-IDF rows it means the shared words carry at least half the
-  weight of both texts. HDFS, BGL and OpenStack share hardly any events: every session routes proprietary.
+  pre-trained language model: numpy + scipy only, deterministic.
+- A session's score is the min over its templates of the max cosine to a source template: one event with
+  no close counterpart in any source makes it proprietary (so does a template with no words left).
+- TAU = 0.5, not tuned: the shared words carry at least half the weight of both texts.
 """
 from __future__ import annotations
 
