@@ -417,7 +417,7 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 @dataclass
 class FusionLogConfig:
     """Knobs of the whole method; each part's own config carries its defaults and reasons."""
-    tau: float = router.RouterConfig.tau  # route threshold: general iff every template has a source twin this close
+    tau: float = router.TAU  # route threshold: general iff every template has a source twin this close
     threshold: float = 0.5  # final label: anomalous iff the small model's probability >= this (class-balanced loss)
     pseudo_domains: int = 4  # with a single source system, split it into this many pseudo-domains for MAML
     meta: metamodel.MetaConfig = field(default_factory=metamodel.MetaConfig)
@@ -932,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--cache", default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
                      help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again")
     alg = run.add_argument_group("the method")
-    alg.add_argument("--tau", type=float, default=None, help=f"router threshold (default {router.RouterConfig.tau})")
+    alg.add_argument("--tau", type=float, default=None, help=f"router threshold (default {router.TAU})")
     alg.add_argument("--rounds", type=int, default=None, help="max distillation rounds")
     alg.add_argument("--budget", type=int, default=None, help="max LLM questions in this run")
     alg.add_argument("--concurrency", type=int, default=None, help="LLM requests in flight")

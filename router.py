@@ -1,33 +1,22 @@
-"""Semantic router: template extraction, TF-IDF embedding and the training-free general/proprietary split.
+"""Semantic router: TF-IDF embedding and the training-free general/proprietary split (paper Sec. 3.2).
 
-This is the first stage of FusionLog (Zhao et al., arXiv 2511.05878), its training-free semantic router,
-together with the template extraction and text embedding it needs. Before any
-model sees the target system, every unlabeled target session is routed either to the *general* branch
-(its log events look like events the labeled source systems also produce, so the meta-learned small
-model can score it directly) or to the *proprietary* branch (it contains at least one event the sources
-have nothing like, so the LLM <-> small-model distillation has to label it). The router only compares
-texts: no labels, no training.
+The first stage of FusionLog (Zhao et al., arXiv 2511.05878): each unlabeled target session goes to the
+*general* branch if its events look like events of the labeled source systems (the meta-learned small model
+scores it directly), else to the *proprietary* one (LLM <-> small-model distillation). No labels, no training.
 
-The pipeline, one function each:
     raw content --mask--> template --tokenize--> words --TfidfEmbedder--> template vector (T, V)
     sessions --session_vectors--> mean of distinct template vectors (n, V)
     template_scores: for each target template, max cosine to any source template        (T,)
     route_scores:    for each target session, min of that over the session's templates   (n,)
-    route:           general = score >= tau
+    route:           general = score >= TAU
 
 Departures from the paper:
-- Templates come from one regex pass (`mask`) that replaces variables by `<*>`, not from a full log
-  parser such as Drain. On HDFS / BGL / OpenStack this already collapses lines to a few dozen to a few
-  hundred templates; a parser would merge a few more (e.g. free-text fields).
-- The semantic embedding is TF-IDF over camelCase/snake_case-split words (scikit-learn's smooth idf),
-  not a pre-trained language model, so the package stays numpy + scipy and is deterministic. Cosine of
-  L2-normalised TF-IDF rows plays the role of the paper's embedding similarity.
-- The session score is a min over its templates of the max cosine to a source template: a session is
-  "general" only if EVERY one of its events has a close counterpart in some source system. One unknown
-  event is enough to make a session proprietary, since that event is exactly what the source-trained
-  model cannot judge.
-- A template with no words left after masking (e.g. a line that is only numbers) has a zero vector and
-  scores 0, so it makes its session proprietary.
+- Templates come from one regex pass (`mask`), not from a log parser such as Drain.
+- The embedding is TF-IDF over camelCase/snake_case-split words (scikit-learn's smooth idf), not a
+  pre-trained language model: numpy + scipy only, deterministic.
+- A session's score is the min over its templates of the max cosine to a source template: one event with
+  no close counterpart in any source makes it proprietary (so does a template with no words left).
+- TAU = 0.5, not tuned: the shared words carry at least half the weight of both texts.
 """
 from __future__ import annotations
 
@@ -106,11 +95,11 @@ def tokenize(text: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # TF-IDF embedding
 
-def _l2_normalize_rows(m: sp.csr_matrix) -> sp.csr_matrix:
-    """Scale every row to unit L2 norm; all-zero rows stay zero."""
+def l2_normalize_rows(m) -> sp.csr_matrix:
+    """The rows of m (sparse or dense) scaled to unit L2 norm, as float64 csr; zero rows stay zero."""
+    m = sp.csr_matrix(m, dtype=np.float64)
     norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())  # (n,)
-    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    return sp.csr_matrix(sp.diags(inv) @ m)
+    return sp.csr_matrix(sp.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)) @ m)
 
 
 class TfidfEmbedder:
@@ -142,10 +131,7 @@ class TfidfEmbedder:
         counts = sp.csr_matrix((np.ones(len(rows)), (rows, cols)),
                                shape=(len(docs), len(self.vocabulary_)), dtype=np.float64)  # (n, V)
         counts.sum_duplicates()  # raw term counts
-        return _l2_normalize_rows(sp.csr_matrix(counts @ sp.diags(self.idf_)))
-
-    def fit_transform(self, docs: list[str]) -> sp.csr_matrix:
-        return self.fit(docs).transform(docs)
+        return l2_normalize_rows(sp.csr_matrix(counts @ sp.diags(self.idf_)))
 
     def to_dict(self) -> dict:
         words = [""] * len(self.vocabulary_)
@@ -164,8 +150,7 @@ class TfidfEmbedder:
         if not all(isinstance(w, str) for w in words) or not np.all(np.isfinite(idf)):
             raise ValueError("TfidfEmbedder.from_dict: words must be strings and idf finite")
         emb = cls()
-        emb.vocabulary_ = {w: j for j, w in enumerate(words)}
-        emb.idf_ = idf
+        emb.vocabulary_, emb.idf_ = {w: j for j, w in enumerate(words)}, idf
         return emb
 
 
@@ -193,29 +178,38 @@ def session_vectors(sequences: list[np.ndarray], template_vecs: sp.csr_matrix) -
     incidence.data[:] = 1.0  # distinct templates: a template counts once however often it repeats
     n_distinct = np.maximum(np.diff(incidence.indptr), 1)  # (n,)
     mean = sp.diags(1.0 / n_distinct) @ incidence @ template_vecs  # (n, T) @ (T, V) -> (n, V)
-    return _l2_normalize_rows(sp.csr_matrix(mean))
+    return l2_normalize_rows(sp.csr_matrix(mean))
 
 
 # ----------------------------------------------------------------------------------------------------
 # the router
 
+TAU = 0.5  # route threshold: a template has a close counterpart in the sources at cosine >= TAU
+
+
+def most_similar(queries, keys, k: int, chunk_cells: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the k key rows of largest dot product (the cosine, for unit rows), best first,
+    ties to the lower index: indices and scores, (q, min(k, p)) each; chunk_cells bounds the dense block."""
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"query vectors have {queries.shape[1]} columns, key vectors {keys.shape[1]}")
+    k = max(0, min(int(k), keys.shape[0]))
+    idx, scores = np.zeros((queries.shape[0], k), dtype=np.int64), np.zeros((queries.shape[0], k))
+    if k == 0:
+        return idx, scores
+    Q, K_t = sp.csr_matrix(queries), sp.csr_matrix(keys).T.tocsc()
+    rows = max(1, chunk_cells // keys.shape[0])
+    for a in range(0, Q.shape[0], rows):
+        sims = (Q[a:a + rows] @ K_t).toarray()  # (rows, p)
+        order = sims.argmax(axis=1)[:, None] if k == 1 else np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        idx[a:a + rows], scores[a:a + rows] = order, np.take_along_axis(sims, order, axis=1)
+    return idx, scores
+
+
 def template_scores(target_template_vecs: sp.csr_matrix, source_template_vecs: sp.csr_matrix,
                     chunk_cells: int = 1 << 22) -> np.ndarray:
-    """Max cosine of each target template to any source template (0.0 when there are no sources). -> (T,)
-
-    Rows are L2-normalised, so the sparse product is the cosine. The (T, S) similarity matrix is built
-    `chunk_cells` cells at a time so memory stays bounded however many templates there are."""
-    if target_template_vecs.shape[1] != source_template_vecs.shape[1]:
-        raise ValueError("target and source template vectors have different vocabularies")
-    n_target, n_source = target_template_vecs.shape[0], source_template_vecs.shape[0]
-    scores = np.zeros(n_target)
-    if n_source == 0:
-        return scores
-    tgt, src_t = sp.csr_matrix(target_template_vecs), sp.csr_matrix(source_template_vecs).T.tocsc()
-    rows = max(1, chunk_cells // n_source)
-    for a in range(0, n_target, rows):
-        sims = (tgt[a:a + rows] @ src_t).toarray()  # (rows, S) dense, bounded by chunk_cells
-        scores[a:a + rows] = sims.max(axis=1)
+    """Max cosine of each target template to any source template (0.0 when there are no sources). -> (T,)"""
+    _, best = most_similar(target_template_vecs, source_template_vecs, 1, chunk_cells)
+    scores = best[:, 0] if best.shape[1] else np.zeros(target_template_vecs.shape[0])
     return np.clip(scores, 0.0, 1.0)  # TF-IDF is non-negative; clip float round-off above 1
 
 
@@ -229,18 +223,6 @@ def route_scores(sequences: list[np.ndarray], tmpl_scores: np.ndarray) -> np.nda
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (n,) offset of each session in flat
         scores[nonempty] = np.minimum.reduceat(tmpl_scores[flat], starts[nonempty])
     return scores
-
-
-@dataclass
-class RouterConfig:
-    # Cosine level meaning "this template has a close counterpart in the sources". For L2-normalised
-    # TF-IDF, 0.5 = the shared words carry at least half of the weight of both texts (e.g. two templates
-    # sharing 2 of 3 equally weighted words score 0.67, sharing 1 of 3 score 0.33). Below it, overlap is a
-    # stray common word ("block", "error"); above it, the events describe the same thing. Not tuned to
-    # data: on HDFS / BGL / OpenStack (each the target, the other two the sources) the best template
-    # match is ~0.5 and no session scores above 0.16, so every session routes proprietary at any tau
-    # that still means "close counterpart" -- these three systems share hardly any events.
-    tau: float = 0.5
 
 
 def route(target_sequences: list[np.ndarray], target_template_vecs: sp.csr_matrix,

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from router import (RouterConfig, TfidfEmbedder, mask, route, route_scores,
+from router import (TAU, TfidfEmbedder, mask, route, route_scores,
                     session_vectors, split_summary, template_scores, tokenize)
 import metamodel as mm
 import distill
@@ -129,7 +129,7 @@ def test_tfidf_matches_hand_calculation():
     # unknown words are ignored; a document with no known words is an all-zero row
     unseen = emb.transform(["open unknownword", "<*> 42 zzz"]).toarray()
     np.testing.assert_allclose(unseen, [[0, 0, 1, 0], [0, 0, 0, 0]], atol=1e-12)
-    np.testing.assert_allclose(TfidfEmbedder().fit_transform(docs).toarray(), expected, atol=1e-12)
+    np.testing.assert_allclose(TfidfEmbedder().fit(docs).transform(docs).toarray(), expected, atol=1e-12)
 
 
 def test_tfidf_dict_roundtrip_through_json():
@@ -277,7 +277,7 @@ def test_route_on_text():
     target = ["Connection reset by peer", "kernel panic detected", "Receiving block <*>"]
     emb = TfidfEmbedder().fit(source + target)
     seqs = [np.array([0, 1]), np.array([0, 2])]
-    scores, is_general = route(seqs, emb.transform(target), emb.transform(source), RouterConfig().tau)
+    scores, is_general = route(seqs, emb.transform(target), emb.transform(source), TAU)
     assert is_general.tolist() == [True, False]
     assert scores[1] == pytest.approx(0.0, abs=1e-12)  # "receiving block" shares no word with the sources
 
@@ -1179,7 +1179,7 @@ def test_retrieve_matches_direct_cosine():
         retrieve(Q, P[:, :5], 2)
 
 
-C = DistillConfig(trust=0.8, margin=0.4, w_agree=1.0, w_llm=0.5, w_sm=0.3)
+C = DistillConfig(trust=0.8, margin=0.4)
 
 
 @pytest.mark.parametrize("p_sm, llm, expected", [
@@ -1246,16 +1246,35 @@ def run(fake, cache_path, seed=0, **cfg):
     client = ChatClient(fake.url, cache=AnswerCache(cache_path), logprobs=True)
     config = DistillConfig(**{"rounds": 4, "concurrency": 3, "budget_share": 1.0, **cfg})
     params = {"w": np.zeros(X.shape[1]), "b": 0.0}
-    messages = []
-    res = distill.distill(params, X, group, questions, qv, pool, replay, client, config,
-                          predict_proba=lr_predict, fine_tune=lr_fine_tune, progress=messages.append)
-    return res, X, group, messages
+    messages, tuned = [], []
+    res = distill.distill(params, X, group, questions, qv, pool, replay, client, config, predict_proba=lr_predict,
+                          fine_tune=recording(lr_fine_tune, tuned), progress=messages.append)
+    return res, X, group, messages, tuned
+
+
+def recording(fine_tune, calls):
+    """fine_tune, noting each call's (X, y, w) in calls."""
+    return lambda p, X, y, w: calls.append((X, y, w)) or fine_tune(p, X, y, w)
+
+
+def pseudo_labels_seen(calls, qv):
+    """Per group, the (label, weight) the last fine-tuning call trained its sessions on; (-1, 0.0) if none.
+    A session is told by its features (its group's template incidence, as in qv); replayed rows match none."""
+    labels, weights, Q = np.full(qv.shape[0], -1), np.zeros(qv.shape[0]), qv.toarray()
+    X, y, w = calls[-1] if calls else (np.zeros((0, qv.shape[1])), [], [])
+    for row, label, weight in zip(sp.csr_matrix(X).toarray(), y, w):
+        match = np.flatnonzero((Q == row).all(axis=1))
+        if match.size:
+            assert labels[match[0]] in (-1, label) and weights[match[0]] in (0.0, weight)  # one per group
+            labels[match[0]], weights[match[0]] = label, weight
+    return labels, weights
 
 
 def test_distill_reaches_the_rule_and_stops(fake_llm, tmp_path):
-    res, X, group, messages = run(fake_llm, tmp_path / "c.jsonl")
+    res, X, group, messages, tuned = run(fake_llm, tmp_path / "c.jsonl")
     truth = RULE[group]
-    assert np.array_equal(res.pseudo_labels, truth) and np.all(res.pseudo_weights > 0)
+    labels, weights = pseudo_labels_seen(tuned, problem()[3])
+    assert np.array_equal(labels, RULE) and np.all(weights > 0)
     assert np.array_equal((lr_predict(X, res.params) >= 0.5).astype(int), truth)
     assert sorted(res.answers) == list(range(len(GROUPS)))
     assert [a.label for _, a in sorted(res.answers.items())] == RULE.tolist()
@@ -1275,21 +1294,22 @@ def test_distill_reaches_the_rule_and_stops(fake_llm, tmp_path):
         '"confidence": 1.0, "reason": "labeled example"}']
     # a second identical run: every answer from the cache, zero new requests, same result
     before = fake_llm.requests
-    res2, *_ = run(fake_llm, tmp_path / "c.jsonl")
+    res2, *_, tuned2 = run(fake_llm, tmp_path / "c.jsonl")
     assert fake_llm.requests == before
     assert all(r["asked"] == r["cached"] for r in res2.rounds)
-    assert np.array_equal(res2.pseudo_labels, res.pseudo_labels) and all(a.cached for a in res2.answers.values())
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(tuned2, tuned)) and len(tuned2) == len(tuned)
+    assert all(a.cached for a in res2.answers.values())
     assert np.allclose(res2.params["w"], res.params["w"])
 
 
 def test_distill_respects_the_budget(fake_llm, tmp_path):
-    res, X, group, _ = run(fake_llm, tmp_path / "c.jsonl", budget=3)
+    res, X, group, _, tuned = run(fake_llm, tmp_path / "c.jsonl", budget=3)
     assert fake_llm.requests == 3 and len(res.answers) == 3
     assert sum(r["asked"] - r["cached"] for r in res.rounds) == 3
     unanswered = [g for g in range(len(GROUPS)) if g not in res.answers]
-    w = res.pseudo_weights
-    for g in unanswered:  # left to the SM: its own label at weight w_sm, or nothing
-        assert set(np.round(w[group == g], 6)) <= {0.0, 0.3}
+    _, w = pseudo_labels_seen(tuned, problem()[3])
+    for g in unanswered:  # left to the SM: its own label at weight W_SM, or nothing
+        assert round(w[g], 6) in {0.0, distill.W_SM}
     # a larger budget later asks only what is missing
     run(fake_llm, tmp_path / "c.jsonl", budget=100)
     assert fake_llm.requests == 3 + len(unanswered)
@@ -1320,35 +1340,36 @@ def test_diverse_first_skips_near_copies_while_the_budget_lasts():
 def test_a_small_model_sure_of_everything_still_gets_its_least_sure_sets_asked(fake_llm, tmp_path):
     X, group, questions, qv, pool, replay = problem()
     p_group = np.array([0.999, 0.995, 0.9999, 0.99, 0.993, 0.998, 0.991, 0.9995])  # all "sure", all anomalous
-    client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"))
+    client, tuned = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl")), []
     res = distill.distill({}, X, group, questions, qv, pool, None, client,
                           DistillConfig(rounds=1, budget_share=0.5),
-                          predict_proba=lambda X, p: p_group[group], fine_tune=lambda p, X, y, w: p)
-    assert sorted(res.answers) == [1, 3, 4, 6]  # the four least sure: 0.995, 0.99, 0.993, 0.991
+                          predict_proba=lambda X, p: p_group[group], fine_tune=recording(lambda p, X, y, w: p, tuned))
+    assert sorted(res.answers) == [1, 3, 4, 6]
+    labels, _ = pseudo_labels_seen(tuned, qv)  # the four least sure: 0.995, 0.99, 0.993, 0.991
     # where the fake teacher says normal (stated confidence 0.9 >= trust 0.8), it overrules the sure SM
     for g in (1, 3, 4, 6):
-        assert set(res.pseudo_labels[group == g]) == {RULE[g]}
+        assert labels[g] == RULE[g]
 
 
 def test_fuse_rule_uses_logprob_confidence_over_the_stated_one():
     c = DistillConfig(margin=0.4, trust=0.8)
     sure_llm = Answer(1, 0.95, "x", p_anomalous=0.97)
-    assert fuse(0.3, sure_llm, c) == (1, c.w_llm) and fuse(0.05, sure_llm, c) == (1, c.w_llm)
-    assert fuse(0.95, sure_llm, c) == (1, c.w_agree)     # agreement
+    assert fuse(0.3, sure_llm, c) == (1, distill.W_LLM) and fuse(0.05, sure_llm, c) == (1, distill.W_LLM)
+    assert fuse(0.95, sure_llm, c) == (1, distill.W_AGREE)     # agreement
     # stated 0.9, but p(anomalous) 0.6 from the log-probabilities: not confident enough to overrule
     assert fuse(0.3, Answer(1, 0.9, "x", p_anomalous=0.6), c) == (-1, 0.0)
-    assert fuse(0.3, Answer(1, 0.9, "x"), c) == (1, c.w_llm)  # no log-probabilities: the stated one
-    assert fuse(0.05, None, c) == (0, c.w_sm) and fuse(0.3, None, c) == (-1, 0.0)
+    assert fuse(0.3, Answer(1, 0.9, "x"), c) == (1, distill.W_LLM)  # no log-probabilities: the stated one
+    assert fuse(0.05, None, c) == (0, distill.W_SM) and fuse(0.3, None, c) == (-1, 0.0)
 
 
 def test_disputed_groups_are_asked_again_with_in_system_examples(fake_llm, tmp_path):
     X, group, questions, qv, pool, replay = problem()
-    client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"), logprobs=True)
+    client, tuned = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"), logprobs=True), []
     # a stubborn SM: slightly "normal" everywhere, never learns; anomalous groups stay disputed
     res = distill.distill({}, X, group, questions, qv, pool, None, client,
-                          DistillConfig(rounds=4, k_examples=2, min_similarity=0.3, budget_share=2.0),
+                          DistillConfig(rounds=4, budget_share=2.0),
                           predict_proba=lambda X, p: np.full(X.shape[0], 0.45),
-                          fine_tune=lambda p, X, y, w: p)
+                          fine_tune=recording(lambda p, X, y, w: p, tuned))
     n_anom = int(RULE.sum())
     assert res.rounds[0]["asked"] == len(GROUPS) and res.rounds[0]["disputed"] == n_anom
     re_asked = fake_llm.bodies[len(GROUPS):]
@@ -1364,13 +1385,14 @@ def test_disputed_groups_are_asked_again_with_in_system_examples(fake_llm, tmp_p
         assert shots and msgs[-1]["content"] not in shots and set(shots) <= agreed | sources
         shown |= set(shots)
     assert shown & agreed  # in-system examples reached the prompts
-    assert np.array_equal(res.pseudo_labels, RULE[group])  # the trusted LLM (p = 0.97) overrules the SM
-    assert set(np.round(res.pseudo_weights, 6)) == {0.5, 1.0}
+    labels, weights = pseudo_labels_seen(tuned, qv)
+    assert np.array_equal(labels, RULE)  # the trusted LLM (p = 0.97) overrules the SM
+    assert set(np.round(weights, 6)) == {0.5, 1.0}
 
 
-def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path):
+def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path, monkeypatch):
     """A healthy period (every set normal): fine-tuning would teach "this system's words = normal" against
-    replayed source anomalies, so it is skipped, unless min_class_share is 0."""
+    replayed source anomalies, so it is skipped, unless MIN_CLASS_SHARE is 0."""
     X, group, questions, qv, pool, replay = problem()
     normal = np.flatnonzero(RULE == 0)
     keep = np.flatnonzero(np.isin(group, normal))
@@ -1379,12 +1401,14 @@ def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path):
     questions, qv = [questions[g] for g in normal], qv[normal]
     for share, expect_calls in ((0.005, 0), (0.0, 1)):
         calls = []
+        monkeypatch.setattr(distill, "MIN_CLASS_SHARE", share)
         client = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"), logprobs=True)
         res = distill.distill({}, X, group, questions, qv, pool, replay, client,
-                              DistillConfig(rounds=3, budget_share=1.0, min_class_share=share),
+                              DistillConfig(rounds=3, budget_share=1.0),
                               predict_proba=lambda X, p: np.full(X.shape[0], 0.3),
-                              fine_tune=lambda p, X, y, w: calls.append(len(y)) or p)
-        assert np.all(res.pseudo_labels == 0) and np.all(res.pseudo_weights > 0)
+                              fine_tune=recording(lambda p, X, y, w: p, calls))
+        assert res.rounds[0]["pseudo_labeled_sessions"] == len(group)  # every set pseudo-labeled...
+        assert all(np.all(y[:len(group)] == 0) for _, y, _ in calls)     # ... as normal
         assert len(calls) == expect_calls and [r["fine_tuned"] for r in res.rounds][:1] == [bool(expect_calls)]
     assert distill.both_classes([0, 0, 1], [1.0, 1.0, 0.02], 0.005)
     assert not distill.both_classes([0, 0, 1], [1.0, 1.0, 0.02], 0.01)   # 0.02 / 2.02 < 1%
@@ -1399,7 +1423,7 @@ def test_distill_survives_a_dead_server(tmp_path):
                           fine_tune=lr_fine_tune)
     assert res.answers == {} and res.rounds[0]["failed"] == len(GROUPS)
     assert client.faults["connection"] == 2 * len(GROUPS)  # then it stops asking
-    assert np.all(res.pseudo_labels == -1) and len(res.rounds) == 2
+    assert all(r["pseudo_labeled"] == 0 and not r["fine_tuned"] for r in res.rounds) and len(res.rounds) == 2
 
 
 def test_asking_a_round_reports_progress_and_keeps_each_answer_with_its_group(fake_llm, tmp_path):
@@ -1426,7 +1450,7 @@ def test_distill_rejects_bad_groups(fake_llm):
                         predict_proba=lr_predict, fine_tune=lr_fine_tune)
 
 
-def test_a_group_never_sees_itself_and_an_unchanged_prompt_is_not_asked_again(fake_llm):
+def test_a_group_never_sees_itself_and_an_unchanged_prompt_is_not_asked_again(fake_llm, monkeypatch):
     X, group, questions, qv, pool, replay = problem()
     calls = []
 
@@ -1447,7 +1471,8 @@ def test_a_group_never_sees_itself_and_an_unchanged_prompt_is_not_asked_again(fa
         assert shots and msgs[-1]["content"] not in shots
     # without retrieval the prompt never changes: a disputed group is not asked the same question twice
     before = fake_llm.requests
-    res = distill.distill({}, X, group, questions, qv, pool, None, client, DistillConfig(rounds=3, k_examples=0, budget_share=2.0),
+    monkeypatch.setattr(distill, "K_EXAMPLES", 0)
+    res = distill.distill({}, X, group, questions, qv, pool, None, client, DistillConfig(rounds=3, budget_share=2.0),
                           predict_proba=lambda X, p: np.full(X.shape[0], 0.45), fine_tune=lambda p, X, y, w: p)
     assert fake_llm.requests - before == len(GROUPS) and res.rounds[1]["asked"] == 0
 

@@ -214,7 +214,7 @@ def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: 
     if system == "sm_only":
         client = None
     elif system == "oracle_teacher":
-        client = OracleClient(fit, config.distill.max_templates)
+        client = OracleClient(fit, distill.MAX_TEMPLATES)
     else:
         client = make_client(args, cache)
     model = fl.FusionLog(config, client, progress=lambda m: say(f"{tag} {system}: {m}"))
@@ -259,7 +259,7 @@ def run_llm_only(args, cache, sources, test, tag: str) -> dict:
     group, first, _ = fl.group_by_template_set(test)  # the first session of each set is its question
     questions = [fl.templates_with_counts(test.templates, test.sequences[i]) for i in first]
     qvecs = router.session_vectors([test.sequences[i] for i in first], embedder.transform(test.templates))
-    prompts = distill.prompts(list(range(len(questions))), questions, qvecs, pool, dc)  # as distillation asks
+    prompts = distill.prompts(list(range(len(questions))), questions, qvecs, pool)  # as distillation asks
     n_cached = sum(client.cached(m) is not None for m in prompts)
     say(f"{tag} llm_only: {len(prompts)} distinct template-sets, {n_cached} answers cached")
 
