@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,6 +38,241 @@ import scipy.sparse as sp
 import distill
 import metamodel
 import router
+
+# ----------------------------------------------------------------------------------------------------
+# The method (Fig. 2): config, the FusionLog steps, and what they return
+
+
+@dataclass
+class FusionLogConfig:
+    """Knobs of the whole method; each part's own config carries its defaults and reasons."""
+    tau: float = router.TAU  # route threshold: general iff every template has a source twin this close
+    threshold: float = 0.5  # final label: anomalous iff the small model's p >= this (class-balanced loss)
+    pseudo_domains: int = 4  # with a single source system, split it into this many pseudo-domains for MAML
+    meta: metamodel.MetaConfig = field(default_factory=metamodel.MetaConfig)
+    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionLogConfig":
+        d = dict(d)
+        meta = metamodel.MetaConfig.from_dict(d.pop("meta", {}))
+        dist = d.pop("distill", {})
+        dist = distill.DistillConfig(**{f.name: dist[f.name] for f in fields(distill.DistillConfig) if f.name in dist})
+        return cls(meta=meta, distill=dist, **{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class Features(NamedTuple):
+    """One system's sessions in the embedding: what the router and the small model see."""
+    template_vecs: sp.csr_matrix  # (T, V) TF-IDF of each template
+    session_vecs: sp.csr_matrix  # (n, V) mean of each session's distinct template vectors
+    X: sp.csr_matrix  # (n, V + F) the small model's input: session vector beside structural features
+
+
+@dataclass
+class Predictions:
+    """Per session: label, the small model's score, the route and, where the LLM was asked, its reason."""
+    ids: list[str]
+    labels: np.ndarray  # 1 anomalous, 0 normal
+    scores: np.ndarray  # small model's p(anomalous)
+    general: np.ndarray  # bool: routed to the general branch
+    route_scores: np.ndarray  # min over templates of the max cosine to a source template
+    reasons: list[str | None]
+
+    def rows(self) -> Iterable[dict]:
+        for i, sid in enumerate(self.ids):
+            yield {"session": sid, "label": "Anomaly" if self.labels[i] else "Normal",
+                   "score": round(float(self.scores[i]), 6),
+                   "route": "general" if self.general[i] else "proprietary",
+                   "route_score": round(float(self.route_scores[i]), 6), "reason": self.reasons[i] or ""}
+
+
+class FusionLog:
+    """Fit on labeled source systems + an unlabeled target; predict with the distilled small model."""
+
+    def __init__(self, config: FusionLogConfig | None = None, client: distill.ChatClient | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self.config = config or FusionLogConfig()
+        self.client = client  # None: no LLM, the proprietary branch keeps the meta-learned model (sm_only)
+        self.progress = progress or (lambda msg: None)
+        self.params: dict | None = None  # the small model, once fitted
+        self.embedder: router.TfidfEmbedder | None = None
+        self.source_templates: list[str] = []
+        self.reference: metamodel.Reference | None = None  # the target's statistics, measured at fit
+        self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
+        self.report: dict = {}
+        self._source_vecs: sp.csr_matrix | None = None  # the source templates in the embedding
+
+    def fit(self, sources: list[Sessions], target: Sessions) -> dict:
+        """Run the whole method. Target labels, if any, are never read here."""
+        clock, sources = _Stopwatch(), [_labeled_part(s) for s in sources]
+        # 1. one TF-IDF space over every system's templates; each system's features relative to itself
+        self.progress(f"embedding templates of {len(sources)} source(s) and target {target.name}")
+        self.embed(sources, target)
+        src = [self.features(s, metamodel.Reference.measure(s.templates, s.sequences)) for s in sources]
+        self.reference = metamodel.Reference.measure(target.templates, target.sequences)  # kept for predict
+        tgt = self.features(target, self.reference)
+        # 2. the training-free router: general vs proprietary target sessions (Sec. 3.2)
+        _, general = self.route(target, tgt.template_vecs)
+        self.progress(f"routing: {router.split_summary(general)}")
+        clock.lap("embed_route")
+        # 3. general branch: the small model meta-learned over the source systems (Sec. 3.3)
+        self.progress("meta-training the small model over the source systems")
+        general_params = self.meta_train(sources, src)
+        clock.lap("meta_train")
+        # 4. proprietary branch: LLM <-> small model distillation on the proprietary sessions (Sec. 3.4)
+        proprietary = np.flatnonzero(~general)
+        result = self.distill_proprietary(general_params, sources, src, target, tgt, proprietary)
+        clock.lap("distill")
+        # 5. fusion of the two branches: one small model that labels every target session
+        self.params = self.fuse_branches(general_params, result)
+        rounds = result.rounds if result else []
+        self.report = {"target": target.name, "sessions": len(target), "general": int(general.sum()),
+                       "proprietary": int(len(proprietary)), "tau": self.config.tau, "rounds": rounds,
+                       "distinct_proprietary_sets": len(group_by_template_set(target, proprietary)[2]),
+                       "llm_calls": sum(r.get("asked", 0) - r.get("cached", 0) for r in rounds),
+                       "llm_cached": sum(r.get("cached", 0) for r in rounds),
+                       "llm_faults": dict(self.client.faults) if self.client is not None else {},
+                       "seconds": clock.laps}
+        return self.report
+
+    def embed(self, sources: list[Sessions], target: Sessions) -> None:
+        """Fit one TF-IDF space over every system's templates (unsupervised; target included)."""
+        self.source_templates = [t for s in sources for t in s.templates]
+        self.embedder = router.TfidfEmbedder().fit(self.source_templates + target.templates)
+        self._source_vecs = None
+
+    def features(self, s: Sessions, ref: metamodel.Reference) -> Features:
+        """A system's sessions in the embedding, the structural part relative to `ref`."""
+        tvecs = self.embedder.transform(s.templates)
+        svecs = router.session_vectors(s.sequences, tvecs)
+        return Features(tvecs, svecs, metamodel.session_features(svecs, s.templates, s.sequences, ref))
+
+    def route(self, s: Sessions, tvecs: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """Training-free router: session score = min over its templates of the max cosine to the source."""
+        if self._source_vecs is None:
+            self._source_vecs = self.embedder.transform(self.source_templates)  # once per model
+        return router.route(s.sequences, tvecs, self._source_vecs, self.config.tau)
+
+    def meta_train(self, sources: list[Sessions], src: list[Features]) -> dict:
+        """General branch: first-order MAML with each source system as a domain (Sec. 3.3)."""
+        domains = []
+        for s, f in zip(sources, src):
+            y = s.labels.astype(np.int64)
+            if len(sources) == 1:  # one source: pseudo-domains whose templates differ
+                for idx in metamodel.pseudo_domains(f.template_vecs, s.sequences, y, self.config.pseudo_domains,
+                                                    self.config.meta.seed):
+                    domains.append((f.X[idx], y[idx]))
+            else:
+                domains.append((f.X, y))
+        return metamodel.maml_train(domains, self.config.meta, progress=self.progress)
+
+    def distill_proprietary(self, params: dict, sources: list[Sessions], src: list[Features], target: Sessions,
+                            tgt: Features, index: np.ndarray) -> distill.DistillResult | None:
+        """Proprietary branch: one LLM question per distinct template-set of these sessions (Sec. 3.4)."""
+        if self.client is None or not len(index):
+            return None
+        group, first, keys = group_by_template_set(target, index)
+        self.progress(f"distillation: {len(index)} proprietary sessions in {len(keys)} distinct template-sets")
+        questions = [templates_with_counts(target.templates, target.sequences[i]) for i in first]
+        pool = example_pool(sources, [f.session_vecs for f in src])
+        replay = (sp.vstack([f.X for f in src]).tocsr(), np.concatenate([s.labels.astype(np.int64) for s in sources]))
+        meta = self.config.meta
+        result = distill.distill(params, tgt.X[index], group, questions, tgt.session_vecs[first], pool, replay,
+                                 self.client, self.config.distill, predict_proba=metamodel.predict_proba,
+                                 fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta),
+                                 progress=self.progress)
+        self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
+        return result
+
+    @staticmethod
+    def fuse_branches(general_params: dict, result: distill.DistillResult | None) -> dict:
+        """The two branches' knowledge in one small model: the meta-learned weights (general knowledge),
+        fine-tuned by distillation on the proprietary sessions (proprietary knowledge), where there was any."""
+        return general_params if result is None else result.params
+
+    def predict(self, s: Sessions) -> Predictions:
+        """Label sessions with the small model alone (no LLM); a session's label and score depend only on
+        the model and that session. The LLM's reason where the fit asked about the same template-set."""
+        if self.params is None:
+            raise ValueError("the model is not fitted: call fit() or load() first")
+        f = self.features(s, self.reference)
+        route_scores, general = self.route(s, f.template_vecs)
+        scores = metamodel.predict_proba(f.X, self.params)
+        reasons = [self.llm_reasons.get(template_set_key(s.templates, seq)) for seq in s.sequences]
+        return Predictions(list(s.ids), (scores >= self.config.threshold).astype(np.int8), scores, general,
+                           route_scores, reasons)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One .npz: the small model's weights plus a JSON state (embedder, reference, LLM reasons)."""
+        state = {"config": self.config.to_dict(), "embedder": self.embedder.to_dict(),
+                 "source_templates": self.source_templates, "reference": self.reference.to_dict(),
+                 "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()]}
+        metamodel.save(path, self.params, state)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, progress: Callable | None = None) -> "FusionLog":
+        params, state = metamodel.load(path)
+        try:
+            model = cls(FusionLogConfig.from_dict(state["config"]), progress=progress)
+            model.embedder = router.TfidfEmbedder.from_dict(state["embedder"])
+            model.source_templates = list(state["source_templates"])
+            model.reference = metamodel.Reference.from_dict(state["reference"])
+            model.llm_reasons = {tuple(k): r for k, r in state.get("llm_reasons", [])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a fusionlog model file ({e})") from None
+        model.params = params
+        return model
+
+
+def _labeled_part(s: Sessions) -> Sessions:
+    """A source's labeled sessions; a source must show both classes to teach anything."""
+    if s.labels is None:
+        raise ValueError(f"source {s.name}: no labels (give a label file or an inline label field)")
+    s = s.subset(np.flatnonzero(s.labels >= 0))
+    if len(s) == 0 or not (s.labels == 1).any():
+        raise ValueError(f"source {s.name}: no anomalous sessions: nothing to learn from")
+    if not (s.labels == 0).any():
+        raise ValueError(f"source {s.name}: no normal sessions: nothing to learn from")
+    return s
+
+
+def template_set_key(templates: list[str], sequence: np.ndarray) -> tuple[str, ...]:
+    """A session's distinct templates as sorted strings: the key of one LLM question."""
+    return tuple(sorted({templates[t] for t in sequence.tolist()}))
+
+
+def templates_with_counts(templates: list[str], sequence: np.ndarray) -> list[tuple[str, int]]:
+    """A session's distinct templates in first-appearance order, each with how often it occurs."""
+    uniq, first, counts = np.unique(sequence, return_index=True, return_counts=True)
+    return [(templates[uniq[i]], int(counts[i])) for i in np.argsort(first)]
+
+
+def group_by_template_set(s: Sessions, index=None) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    """Group sessions (all, or those at `index`) by their distinct template-set: one LLM question each.
+    Returns group (n,) per session, first (G,) the index of each group's first session, keys (G,)."""
+    index = np.arange(len(s)) if index is None else np.asarray(index, dtype=np.int64)
+    group_of: dict[tuple[str, ...], int] = {}
+    group = np.array([group_of.setdefault(template_set_key(s.templates, s.sequences[i]), len(group_of))
+                      for i in index], dtype=np.int64)
+    first = np.zeros(len(group_of), dtype=np.int64)
+    first[group[::-1]] = index[::-1]  # written last to first, so the first session of each group stays
+    return group, first, list(group_of)
+
+
+def example_pool(sources: list[Sessions], source_vecs: list[sp.csr_matrix]) -> distill.ExamplePool:
+    """Retrieval pool: one labeled example per distinct source template-set, with its majority label."""
+    texts, rows, labels = [], [], []
+    for s, svecs in zip(sources, source_vecs):
+        group, first, _ = group_by_template_set(s)
+        majority = np.bincount(group, weights=s.labels) / np.bincount(group) > 0.5  # (G,) a tie is normal
+        texts += [templates_with_counts(s.templates, s.sequences[i]) for i in first]
+        rows.append(svecs[first])
+        labels.append(majority.astype(np.int64))
+    return distill.ExamplePool(texts, sp.vstack(rows).tocsr(), np.concatenate(labels))
+
 
 # ----------------------------------------------------------------------------------------------------
 # Reading logs: LogHub format strings, session grouping, labels
@@ -410,53 +645,6 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return dict(precision=precision, recall=recall, f1=f1, tp=tp, fp=fp, tn=tn, fn=fn)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The method
-
-
-@dataclass
-class FusionLogConfig:
-    """Knobs of the whole method; each part's own config carries its defaults and reasons."""
-    tau: float = router.TAU  # route threshold: general iff every template has a source twin this close
-    threshold: float = 0.5  # final label: anomalous iff the small model's probability >= this (class-balanced loss)
-    pseudo_domains: int = 4  # with a single source system, split it into this many pseudo-domains for MAML
-    meta: metamodel.MetaConfig = field(default_factory=metamodel.MetaConfig)
-    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FusionLogConfig":
-        d = dict(d)
-        meta = _dataclass_from(metamodel.MetaConfig, d.pop("meta", {}))
-        dist = _dataclass_from(distill.DistillConfig, d.pop("distill", {}))
-        return cls(meta=meta, distill=dist, **{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
-
-
-def _dataclass_from(cls, d: dict):
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
-
-
-@dataclass
-class Predictions:
-    """Per-session output: label, the small model's score, the route and, where the LLM was asked, its reason."""
-    ids: list[str]
-    labels: np.ndarray  # 1 anomalous, 0 normal
-    scores: np.ndarray  # small model's p(anomalous)
-    general: np.ndarray  # bool: routed to the general branch
-    route_scores: np.ndarray  # min over templates of the max cosine to a source template
-    reasons: list[str | None]
-
-    def rows(self) -> Iterable[dict]:
-        for i, sid in enumerate(self.ids):
-            yield {"session": sid, "label": "Anomaly" if self.labels[i] else "Normal",
-                   "score": round(float(self.scores[i]), 6),
-                   "route": "general" if self.general[i] else "proprietary",
-                   "route_score": round(float(self.route_scores[i]), 6), "reason": self.reasons[i] or ""}
-
-
 class _Stopwatch:
     """Seconds per named stage, for the run report."""
 
@@ -468,193 +656,6 @@ class _Stopwatch:
         now = time.perf_counter()
         self.laps[name] = round(now - self._t, 3)
         self._t = now
-
-
-def template_set_key(templates: list[str], sequence: np.ndarray) -> tuple[str, ...]:
-    """A session's distinct templates as sorted strings: the key of one LLM question."""
-    return tuple(sorted({templates[t] for t in sequence.tolist()}))
-
-
-def templates_with_counts(templates: list[str], sequence: np.ndarray) -> list[tuple[str, int]]:
-    """A session's distinct templates in first-appearance order, each with how often it occurs."""
-    uniq, first, counts = np.unique(sequence, return_index=True, return_counts=True)
-    order = np.argsort(first)
-    return [(templates[uniq[i]], int(counts[i])) for i in order]
-
-
-def group_by_template_set(s: Sessions, index=None) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
-    """Group sessions (all, or those at `index`) by their distinct template-set: one LLM question each.
-    Returns group (n,) per session, first (G,) the index of each group's first session, keys (G,)."""
-    index = np.arange(len(s)) if index is None else np.asarray(index, dtype=np.int64)
-    group_of: dict[tuple[str, ...], int] = {}
-    group = np.array([group_of.setdefault(template_set_key(s.templates, s.sequences[i]), len(group_of))
-                      for i in index], dtype=np.int64)
-    first = np.zeros(len(group_of), dtype=np.int64)
-    first[group[::-1]] = index[::-1]  # written last to first, so the first session of each group stays
-    return group, first, list(group_of)
-
-
-def example_pool(sources: list[Sessions], source_vecs: list[sp.csr_matrix]) -> distill.ExamplePool:
-    """Retrieval pool: one labeled example per distinct source template-set, with its majority label."""
-    texts, rows, labels = [], [], []
-    for s, svecs in zip(sources, source_vecs):
-        group, first, _ = group_by_template_set(s)
-        majority = np.bincount(group, weights=s.labels) / np.bincount(group) > 0.5  # (G,) a tie is normal
-        texts += [templates_with_counts(s.templates, s.sequences[i]) for i in first]
-        rows.append(svecs[first])
-        labels.append(majority.astype(np.int64))
-    return distill.ExamplePool(texts, sp.vstack(rows).tocsr(), np.concatenate(labels))
-
-
-class FusionLog:
-    """Fit on labeled source systems + an unlabeled target; predict with the distilled small model."""
-
-    def __init__(self, config: FusionLogConfig | None = None, client: distill.ChatClient | None = None,
-                 progress: Callable[[str], None] | None = None):
-        self.config = config or FusionLogConfig()
-        self.client = client  # None: no LLM, the proprietary branch keeps the meta-learned model (sm_only)
-        self.progress = progress or (lambda msg: None)
-        self.params: dict | None = None
-        self.embedder: router.TfidfEmbedder | None = None
-        self.source_templates: list[str] = []
-        self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
-        self.reference: metamodel.Reference | None = None  # the target's statistics, measured at fit
-        self._source_vecs: sp.csr_matrix | None = None  # the source templates in the embedding
-        self.report: dict = {}
-
-    # -- the steps of Fig. 2 ------------------------------------------------------------------------
-
-    def embed(self, systems: list[Sessions]) -> None:
-        """Fit one TF-IDF space over every system's templates (unsupervised; target included)."""
-        self.embedder = router.TfidfEmbedder().fit([t for s in systems for t in s.templates])
-        self._source_vecs = None
-
-    def features(self, s: Sessions, ref: metamodel.Reference) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
-        """Template vectors (T, V), session vectors (n, V) and the small model's input (n, V + F), whose
-        structural part is relative to `ref` (the system's own sessions, measured at fit time)."""
-        tvecs = self.embedder.transform(s.templates)
-        svecs = router.session_vectors(s.sequences, tvecs)
-        return tvecs, svecs, metamodel.session_features(svecs, s.templates, s.sequences, ref)
-
-    def route(self, s: Sessions, tvecs: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        """Training-free router: session score = min over its templates of the max cosine to the source."""
-        if self._source_vecs is None:
-            self._source_vecs = self.embedder.transform(self.source_templates)  # once per model
-        return router.route(s.sequences, tvecs, self._source_vecs, self.config.tau)
-
-    def meta_train(self, sources: list[Sessions], source_feats: list[tuple]) -> dict:
-        """General branch: first-order MAML with each source system as a domain (Sec. 3.3)."""
-        domains = []
-        for s, (tvecs, _, X) in zip(sources, source_feats):
-            y = s.labels.astype(np.int64)
-            if len(sources) == 1:  # one source: pseudo-domains whose templates differ
-                for idx in metamodel.pseudo_domains(tvecs, s.sequences, y, self.config.pseudo_domains,
-                                                    self.config.meta.seed):
-                    domains.append((X[idx], y[idx]))
-            else:
-                domains.append((X, y))
-        return metamodel.maml_train(domains, self.config.meta, progress=self.progress)
-
-    def fit(self, sources: list[Sessions], target: Sessions) -> dict:
-        """Run the whole method. Target labels, if any, are never read here."""
-        clock = _Stopwatch()
-        sources = [self._labeled_part(s) for s in sources]
-        self.progress(f"embedding templates of {len(sources)} source(s) and target {target.name}")
-        self.embed(sources + [target])
-        self.source_templates = [t for s in sources for t in s.templates]
-        source_feats = [self.features(s, metamodel.Reference.measure(s.templates, s.sequences)) for s in sources]
-        self.reference = metamodel.Reference.measure(target.templates, target.sequences)  # kept for predict
-        t_tvecs, t_svecs, t_X = self.features(target, self.reference)
-
-        route_scores, general = self.route(target, t_tvecs)
-        self.progress(f"routing: {router.split_summary(general)}")
-        clock.lap("embed_route")
-
-        self.progress("meta-training the small model over the source systems")
-        params = self.meta_train(sources, source_feats)
-        clock.lap("meta_train")
-
-        rounds: list[dict] = []
-        prop = np.flatnonzero(~general)
-        group, first, keys = group_by_template_set(target, prop)  # one LLM question per distinct set
-        if self.client is not None and len(prop):
-            params, rounds = self._distill(params, sources, source_feats, target, t_svecs, t_X, prop,
-                                           group, first, keys)
-        clock.lap("distill")
-        self.params = params
-        self.report = {"target": target.name, "sessions": len(target), "general": int(general.sum()),
-                       "proprietary": int(len(prop)), "tau": self.config.tau, "rounds": rounds,
-                       "distinct_proprietary_sets": len(keys),
-                       "llm_calls": sum(r.get("asked", 0) - r.get("cached", 0) for r in rounds),
-                       "llm_cached": sum(r.get("cached", 0) for r in rounds),
-                       "llm_faults": dict(self.client.faults) if self.client is not None else {},
-                       "seconds": clock.laps}
-        return self.report
-
-    def _distill(self, params, sources, source_feats, target, t_svecs, t_X, prop, group, first, keys):
-        """Proprietary branch: one LLM question per distinct template-set of the proprietary sessions."""
-        questions = [templates_with_counts(target.templates, target.sequences[i]) for i in first]
-        self.progress(f"distillation: {len(prop)} proprietary sessions in {len(keys)} distinct template-sets")
-        pool = example_pool(sources, [f[1] for f in source_feats])
-        replay = (sp.vstack([f[2] for f in source_feats]).tocsr(),
-                  np.concatenate([s.labels.astype(np.int64) for s in sources]))
-
-        meta_cfg = self.config.meta
-        result = distill.distill(
-            params, t_X[prop], group, questions, t_svecs[first], pool, replay, self.client,
-            self.config.distill,
-            predict_proba=metamodel.predict_proba,
-            fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta_cfg),
-            progress=self.progress)
-        self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
-        return result.params, result.rounds
-
-    def predict(self, s: Sessions) -> Predictions:
-        """Label sessions with the small model alone (no LLM): score, label, route, and the LLM's reason
-        where this model's fit asked the LLM about the same template-set."""
-        if self.params is None:
-            raise ValueError("the model is not fitted: call fit() or load() first")
-        tvecs, _, X = self.features(s, self.reference)
-        route_scores, general = self.route(s, tvecs)
-        scores = metamodel.predict_proba(X, self.params)
-        reasons = [self.llm_reasons.get(template_set_key(s.templates, seq)) for seq in s.sequences]
-        return Predictions(list(s.ids), (scores >= self.config.threshold).astype(np.int8), scores, general,
-                           route_scores, reasons)
-
-    # -- model files ------------------------------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike) -> None:
-        """One .npz: the small model's weights plus a JSON config (embedder, source templates, LLM reasons)."""
-        state = {"config": self.config.to_dict(), "embedder": self.embedder.to_dict(),
-                 "source_templates": self.source_templates, "reference": self.reference.to_dict(),
-                 "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()]}
-        metamodel.save(path, self.params, state)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, progress: Callable | None = None) -> "FusionLog":
-        params, state = metamodel.load(path)
-        try:
-            model = cls(FusionLogConfig.from_dict(state["config"]), progress=progress)
-            model.embedder = router.TfidfEmbedder.from_dict(state["embedder"])
-            model.source_templates = list(state["source_templates"])
-            model.reference = metamodel.Reference.from_dict(state["reference"])
-            model.llm_reasons = {tuple(k): r for k, r in state.get("llm_reasons", [])}
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: not a fusionlog model file ({e})") from None
-        model.params = params
-        return model
-
-    @staticmethod
-    def _labeled_part(s: Sessions) -> Sessions:
-        """A source's labeled sessions; a source must show both classes to teach anything."""
-        if s.labels is None:
-            raise ValueError(f"source {s.name}: no labels (give a label file or an inline label field)")
-        s = s.subset(np.flatnonzero(s.labels >= 0))
-        if len(s) == 0 or not (s.labels == 1).any():
-            raise ValueError(f"source {s.name}: no anomalous sessions: nothing to learn from")
-        if not (s.labels == 0).any():
-            raise ValueError(f"source {s.name}: no normal sessions: nothing to learn from")
-        return s
 
 
 # ----------------------------------------------------------------------------------------------------

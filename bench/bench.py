@@ -148,7 +148,7 @@ class OracleClient:
     labels, so `oracle_teacher` is a diagnostic ceiling, never a peer.
 
     distill asks about a set with the text of its first session (distill.format_session of
-    fl.templates_with_counts, as FusionLog._distill builds it), so every session's text maps to its set's
+    fl.templates_with_counts, as FusionLog.distill_proprietary builds it), so every session's text maps to its set's
     label. Two sets whose texts coincide (cut at max_templates) pool their sessions; `ambiguous` counts them."""
 
     model = "oracle"

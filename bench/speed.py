@@ -184,13 +184,12 @@ def bench_model(data: Path) -> dict:
     import router
     sources, target = load_systems(data)
     model = fl.FusionLog()
-    sources = [model._labeled_part(s) for s in sources]
+    sources = [fl._labeled_part(s) for s in sources]
     out = {}
 
     t = time.perf_counter()
-    model.embed(sources + [target])  # TF-IDF fit over every system's templates
+    model.embed(sources, target)  # TF-IDF fit over every system's templates
     t_fit = time.perf_counter() - t
-    model.source_templates = [t for s in sources for t in s.templates]
     t = time.perf_counter()
     vecs = [(model.embedder.transform(s.templates), s) for s in sources + [target]]
     svecs = [router.session_vectors(s.sequences, tv) for tv, s in vecs]
@@ -203,7 +202,8 @@ def bench_model(data: Path) -> dict:
                          target_sessions=len(target), general=int(general.sum()))
 
     t = time.perf_counter()
-    feats = [(tv, sv, metamodel.session_features(sv, s.sequences, len(s.templates)))
+    feats = [fl.Features(tv, sv, metamodel.session_features(sv, s.templates, s.sequences,
+                                                            metamodel.Reference.measure(s.templates, s.sequences)))
              for (tv, s), sv in zip(vecs, svecs)]
     out["features_s"] = time.perf_counter() - t  # metamodel.session_features (structural block)
 
