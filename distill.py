@@ -1,4 +1,4 @@
-"""The proprietary branch of FusionLog (Zhao et al., arXiv 2511.05878, Sec. 3.4): LLM <-> small model distillation.
+"""LLM <-> small model distillation, the proprietary branch of FusionLog (Zhao et al., arXiv 2511.05878, 3.4).
 
 Target sessions that resemble no source system go to a general-purpose LLM, which labels them from RAG prompts
 (retrieved labeled examples); the small model (SM) learns from those labels over a few rounds, its own scores
@@ -6,10 +6,10 @@ decide what the LLM still has to look at, and the two views are fused into weigh
 Below: whom to ask, the RAG prompts, the fusion, the loop, fine-tuning with replay; then the plumbing.
 
 Departures (DEPARTURES-distill.md gives the measured effect of each): one question per distinct template-set
-(a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the stated confidence;
-dissimilar examples are not shown and agreed groups join the example pool; the least sure groups are asked
-first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; fine-tuning replays source
-sessions and is skipped when the pseudo-labels hold one class only.
+(a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the stated
+confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure groups
+are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; fine-tuning
+replays source sessions and is skipped when the pseudo-labels hold one class only.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import KW_ONLY, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -68,7 +68,7 @@ def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int) -> list[
 
 
 def diverse_first(order: list[int], question_vecs, answered: set, budget: int, cap: float) -> list[int]:
-    """`order` with its first `budget` unanswered groups diverse (no cosine >= cap to one picked), then the rest."""
+    """`order` with its first `budget` unanswered groups diverse (none at cosine >= cap to a pick) first."""
     if cap <= 0 or cap >= 1 or budget <= 0:
         return list(order)
     V = router.l2_normalize_rows(question_vecs)
@@ -124,27 +124,22 @@ class ExamplePool:
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        self.origin = np.asarray(np.full(len(self.texts), -1) if self.origin is None else self.origin, np.int64)
+        origin = np.full(len(self.labels), -1) if self.origin is None else self.origin  # -1: a source example
+        self.origin = np.asarray(origin, dtype=np.int64)
         if not len(self.texts) == self.vecs.shape[0] == len(self.labels) == len(self.origin):
             raise ValueError(f"example pool: {len(self.texts)} texts, {self.vecs.shape[0]} vectors, "
                              f"{len(self.labels)} labels, {len(self.origin)} origins")
 
-    def extend(self, texts, vecs, labels, origin) -> ExamplePool:
-        """A new pool with these examples appended."""
-        return ExamplePool(list(self.texts) + list(texts), sp.vstack([self.vecs, vecs]).tocsr(),
-                           np.concatenate([self.labels, labels]), np.concatenate([self.origin, origin]))
-
 
 def retrieve(query_vecs, pool_vecs, k: int, return_scores: bool = False):
-    """Indices (q, min(k, p)) of the pool rows most cosine-similar to each query, best first (and the cosines)."""
-    idx, scores = router.most_similar(router.l2_normalize_rows(query_vecs), router.l2_normalize_rows(pool_vecs), k)
+    """Indices (q, min(k, p)) of the pool rows most similar to each query, best first (and the cosines)."""
+    unit = router.l2_normalize_rows
+    idx, scores = router.most_similar(unit(query_vecs), unit(pool_vecs), k)
     return (idx, scores) if return_scores else idx
 
 
 def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> list:
     """RAG prompts: each group's question with its K_EXAMPLES most similar pool examples (never itself)."""
-    if not groups:
-        return []
     idx = sims = np.zeros((len(groups), 0))
     if len(pool.texts):
         idx, sims = retrieve(question_vecs[groups], pool.vecs, K_EXAMPLES + 1, return_scores=True)
@@ -158,13 +153,6 @@ def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> l
 
 
 # ---- pseudo-label fusion: the LLM's and the SM's views of one template-set
-def llm_confidence(answer: Answer) -> float:
-    """The LLM's confidence in its own label: from p(anomalous) when known, else the stated one."""
-    if answer.p_anomalous is None:
-        return answer.confidence
-    return answer.p_anomalous if answer.label == 1 else 1.0 - answer.p_anomalous
-
-
 def fuse(p_sm: float, llm: Answer | None, config: DistillConfig | None = None) -> tuple[int, float]:
     """(pseudo-label, weight) of one group; label -1 with weight 0 = left out of fine-tuning.
     Agreement: W_AGREE; a disagreeing LLM at least `trust` sure: its label, W_LLM; never asked and the SM sure
@@ -175,7 +163,9 @@ def fuse(p_sm: float, llm: Answer | None, config: DistillConfig | None = None) -
         return (sm_label, W_SM) if abs(p_sm - 0.5) >= c.margin else (-1, 0.0)
     if llm.label == sm_label:
         return sm_label, W_AGREE
-    return (llm.label, W_LLM) if llm_confidence(llm) >= c.trust else (-1, 0.0)
+    p = llm.p_anomalous  # the LLM's confidence in its label: from p(anomalous) if known
+    confidence = llm.confidence if p is None else p if llm.label == 1 else 1.0 - p
+    return (llm.label, W_LLM) if confidence >= c.trust else (-1, 0.0)
 
 
 def fuse_all(p, answers: dict, config: DistillConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +188,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
             fine_tune: Callable, progress: Callable[[str], None] | None = None) -> DistillResult:
     """Multi-round LLM <-> SM distillation over the proprietary sessions X (n, D); group (n,) maps them to
     template-sets 0..G-1, described by questions[g] = [(template, count), ...] and question_vecs (G, V);
-    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w) -> params."""
+    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w)."""
     c, say = config or DistillConfig(), progress or (lambda msg: None)
     group, G = _checked_groups(group, X, questions, question_vecs), len(questions)
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
@@ -212,16 +202,16 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         sm_label = (p >= 0.5).astype(np.int64)
         # 2. ask the LLM about unanswered and disputed groups, the SM's least sure first, within the budget
         want = whom_to_ask(p, sm_label, answers, question_vecs, budget)
-        record, budget = ask(client, want, prompts(want, questions, question_vecs, examples), answers, asked_with,
-                             budget, c.concurrency, say_r)
+        asking = prompts(want, questions, question_vecs, examples)
+        record, budget = ask(client, want, asking, answers, asked_with, budget, c.concurrency, say_r)
         # 3. fuse the two views of each group into a weighted pseudo-label
         prev, (labels, weights) = labels, fuse_all(p, answers, c)
         agreed = sum(1 for g, a in answers.items() if a.label == sm_label[g])
         rounds.append(dict(round=r, **record, agreed=agreed, disputed=len(answers) - agreed,
                            flipped=int(np.sum(labels != prev)), pseudo_labeled=int(np.sum(weights > 0)),
                            pseudo_labeled_sessions=int(sizes[weights > 0].sum()), fine_tuned=False))
-        say_r("agreed {agreed}, disputed {disputed}, flipped {flipped}, pseudo-labeled {pseudo_labeled} sets / "
-              "{pseudo_labeled_sessions} sessions".format(**rounds[-1]))
+        say_r("agreed {agreed}, disputed {disputed}, flipped {flipped}, pseudo-labeled {pseudo_labeled} sets "
+              "/ {pseudo_labeled_sessions} sessions".format(**rounds[-1]))
         # 4. converged (no pseudo-label changed): stop, after one more fine-tuning if the SM contradicts them
         converged = r > 1 and rounds[-1]["flipped"] == 0
         if converged and np.all(sm_label[labels >= 0] == labels[labels >= 0]):
@@ -248,21 +238,24 @@ def ask(client: ChatClient, want: list[int], messages: list, answers: dict, aske
     one would. ({asked, cached, failed, faults}, budget left; 0 when every new request failed)."""
     jobs = [(g, m) for g, m in zip(want, messages) if asked_with.get(g) != client.key(m)][:max(budget, 0)]
     n_cached, faults = sum(client.cached(m) is not None for _, m in jobs), sum(client.faults.values())
-    say(f"asking the LLM about {len(jobs)} template-sets ({n_cached} cached), {budget - len(jobs)} questions left")
+    say(f"asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
+        f"{budget - len(jobs)} questions left")
     results = ask_all(client, jobs, concurrency, say)
     answered = [(g, m) for g, m in jobs if isinstance(results[g], Answer)]
     answers.update((g, results[g]) for g, _ in answered)
     asked_with.update((g, client.key(m)) for g, m in answered)
     failed = len(jobs) - len(answered)
-    budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget - len(jobs)  # all failed: server down
-    return dict(asked=len(jobs), cached=n_cached, failed=failed, faults=sum(client.faults.values()) - faults), budget
+    faults = sum(client.faults.values()) - faults
+    budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget - len(jobs)  # all failed: down
+    return dict(asked=len(jobs), cached=n_cached, failed=failed, faults=faults), budget
 
 
 def with_agreed(pool: ExamplePool, answers: dict, sm_label, labels, questions, question_vecs) -> ExamplePool:
     """The pool plus the target groups on which the LLM and the SM agree, as labeled examples."""
     agree = [g for g, a in sorted(answers.items()) if a.label == sm_label[g]]
-    return pool.extend([questions[g] for g in agree], question_vecs[agree], labels[agree],
-                       np.array(agree)) if agree else pool
+    return ExamplePool(list(pool.texts) + [questions[g] for g in agree],
+                       sp.vstack([pool.vecs, question_vecs[agree]]).tocsr(),
+                       np.concatenate([pool.labels, labels[agree]]), np.concatenate([pool.origin, agree]))
 
 
 def _checked_groups(group, X, questions, question_vecs) -> np.ndarray:
@@ -354,12 +347,13 @@ def parse_answer(text: str) -> Answer:
         raise BadAnswer(f"label must be 'normal' or 'anomalous', got {_clip(label)}")
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not (0.0 <= conf <= 1.0):
         raise BadAnswer(f"confidence must be a number in [0, 1], got {_clip(conf)}")  # NaN fails too
-    return Answer(LABEL_NAMES.index(label.strip().lower()), float(conf), reason[:300] if isinstance(reason, str) else "")
+    reason = reason[:300] if isinstance(reason, str) else ""
+    return Answer(LABEL_NAMES.index(label.strip().lower()), float(conf), reason)
 
 
 def label_probability(logprobs) -> float | None:
-    """p(anomalous) from a chat reply's `choices[0].logprobs` (OpenAI's format, also llama.cpp's and vLLM's), or
-    None: the mass of the candidates for the label value's first token that begin "anomalous" against "normal"."""
+    """p(anomalous) from a chat reply's `choices[0].logprobs` (OpenAI's format, also llama.cpp's, vLLM's), or
+    None: the mass of the label value's first-token candidates that begin "anomalous" against "normal"."""
     try:
         items = [(c["token"], c["logprob"], c.get("top_logprobs") or []) for c in logprobs["content"]]
         starts = np.cumsum([0] + [len(token) for token, _, _ in items[:-1]])  # char offset of each token
@@ -372,8 +366,8 @@ def label_probability(logprobs) -> float | None:
         mass = [0.0, 0.0]
         for tok, l in cands.items():
             s = str(tok).lower().lstrip(' \t\r\n":')  # the token may carry the opening quote, e.g. ' "an'
-            c = next((c for c, name in enumerate(LABEL_NAMES) if s and (name.startswith(s) or s.startswith(name[:4]))),
-                     None)
+            c = next((c for c, name in enumerate(LABEL_NAMES)
+                      if s and (name.startswith(s) or s.startswith(name[:4]))), None)
             if c is not None and l is not None and math.isfinite(float(l)):
                 mass[c] += math.exp(float(l))
         return mass[1] / (mass[0] + mass[1]) if mass[0] + mass[1] > 0 else None
@@ -404,8 +398,8 @@ class AnswerCache:
                 p = rec.get("p_anomalous")
                 ans = Answer(int(rec["label"]), float(rec["confidence"]), str(rec["reason"]),
                              None if p is None else float(p), cached=True)
-                if ans.label not in (0, 1) or not 0 <= ans.confidence <= 1 or not isinstance(rec["key"], str) \
-                        or not 0 <= (ans.p_anomalous or 0) <= 1:
+                if not (ans.label in (0, 1) and 0 <= ans.confidence <= 1 and 0 <= (ans.p_anomalous or 0) <= 1
+                        and isinstance(rec["key"], str)):
                     raise ValueError
                 self._answers[rec["key"]] = ans
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -427,77 +421,60 @@ class AnswerCache:
             self._answers[key] = replace(answer, cached=True)
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header in its seconds form; the HTTP-date form falls back to backoff."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-FORMATS = ("json_object_schema", "json_schema", "none")  # llama.cpp; OpenAI and vLLM; Ollama and free text
-RESPONSE_FORMATS = {"json_object_schema": {"type": "json_object", "schema": SCHEMA},  # a grammar in llama.cpp
-                    "json_schema": {"type": "json_schema",
-                                    "json_schema": {"name": "label", "schema": SCHEMA, "strict": True}}}
+RESPONSE_FORMATS = {  # the payload's part per format: llama.cpp (a grammar); OpenAI, vLLM; Ollama, free text
+    "json_object_schema": {"response_format": {"type": "json_object", "schema": SCHEMA}},
+    "json_schema": {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "label", "schema": SCHEMA, "strict": True}}},
+    "none": {}}
 RETRY_STATUS = {429, 500, 502, 503}
 
 
-@dataclass(eq=False, repr=False)
 class ChatClient:
-    """OpenAI-compatible chat completions over one requests.Session: retries, a deadline, fault counts, a cache."""
-    base_url: str | None = None  # else $OPENAI_BASE_URL, else llama.cpp's http://127.0.0.1:8080/v1
-    model: str | None = None     # else $OPENAI_MODEL, else "local"
-    api_key: str | None = None   # else $OPENAI_API_KEY; never shown, logged or cached
-    _: KW_ONLY
-    response_format: str = "json_object_schema"  # one of FORMATS
-    timeout: float = 120.0       # seconds per attempt, for each read and for the whole reply
-    max_retries: int = 3         # attempts = 1 + max_retries
-    backoff: float = 1.0         # waits backoff * 2**attempt s between attempts, or as Retry-After says ...
-    max_wait: float = 60.0       # ... at most this
-    logprobs: bool = False       # ask for the label token's log-probabilities (p_anomalous)
-    max_tokens: int = 200
-    max_bytes: int = 4_000_000   # a longer reply fails
-    cache: AnswerCache | None = None
-    sleep: Callable = time.sleep
-    faults: Counter = field(default_factory=Counter, init=False)  # fault kind -> count, over the client's life
+    """OpenAI-compatible chat completions over one requests.Session, with retries, a deadline and a cache."""
 
-    def __post_init__(self):
-        if self.response_format not in FORMATS:
-            raise ValueError(f"response_format must be one of {', '.join(FORMATS)}, got {self.response_format!r}")
-        self.base_url = (self.base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8080/v1").rstrip("/")
-        self.model = self.model or os.environ.get("OPENAI_MODEL") or "local"
-        self.api_key = self.api_key or os.environ.get("OPENAI_API_KEY") or None
-        self._lock, self._session = threading.Lock(), requests.Session()  # one pool, shared by the threads
+    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
+                 response_format: str = "json_object_schema", timeout: float = 120.0, max_retries: int = 3,
+                 backoff: float = 1.0, max_wait: float = 60.0, logprobs: bool = False, max_tokens: int = 200,
+                 max_bytes: int = 4_000_000, cache: AnswerCache | None = None, sleep: Callable = time.sleep):
+        """timeout: seconds per attempt, for each read and the whole reply; 1 + max_retries attempts, waiting
+        backoff * 2**attempt s (or as Retry-After says), at most max_wait; a reply over max_bytes fails."""
+        if response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
+                             f"got {response_format!r}")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8080/v1"
+        self.base_url = base_url.rstrip("/")
+        self.model = model or os.environ.get("OPENAI_MODEL") or "local"
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or None  # never shown, logged or cached
+        self.response_format, self.logprobs, self.cache = response_format, logprobs, cache
+        self.timeout, self.max_retries, self.backoff, self.max_wait = timeout, max_retries, backoff, max_wait
+        self.max_tokens, self.max_bytes, self._sleep = max_tokens, max_bytes, sleep
+        self.faults, self._lock = Counter(), threading.Lock()  # faults: kind -> count, over the client's life
+        self._session = requests.Session()  # one connection pool, shared by the worker threads
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=32, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
     def __repr__(self) -> str:
         return (f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, "
-                f"api_key={'***' if self.api_key else None}, response_format={self.response_format!r}, "
+                f"api_key={'***' if self._api_key else None}, response_format={self.response_format!r}, "
                 f"logprobs={self.logprobs})")
 
     def _scrub(self, message: str) -> str:
         """One line, without the API key even if a server echoed it."""
         message = " ".join(message.split())
-        return message.replace(self.api_key, "***") if self.api_key else message
+        return message.replace(self._api_key, "***") if self._api_key else message
 
     def _fault(self, kind: str) -> None:
         with self._lock:
             self.faults[kind] += 1
 
     def _send(self, method: str, path: str, timeout: float, payload: dict | None = None) -> requests.Response:
-        auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         return self._session.request(method, self.base_url + path, json=payload, timeout=timeout, stream=True,
                                      headers={"Content-Type": "application/json", **auth})
 
-    def _payload(self, messages: list[dict], max_tokens: int) -> dict:
-        return {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
-                "stream": False}
-
     def _read_json(self, resp: requests.Response, url: str, deadline: float):
-        """The reply's JSON, at most max_bytes of it, by the deadline (requests' timeout bounds each read only)."""
+        """The reply's JSON, at most max_bytes of it, by the deadline (requests' timeout bounds one read)."""
         chunks, size = [], 0
         read1 = getattr(resp.raw, "read1", None)  # urllib3 2: whatever bytes are there (iter_content waits)
         arriving = iter(lambda: read1(65536, decode_content=True), b"") if read1 else resp.iter_content(65536)
@@ -528,9 +505,10 @@ class ChatClient:
                     if resp.status_code not in RETRY_STATUS:  # 400, 401, 404...: retrying will not help
                         self._fault(kind)
                         snippet = next(resp.iter_content(300), b"").decode("utf-8", "replace")
-                        raise LLMError(self._scrub(f"LLM server {url} answered HTTP {resp.status_code}: {snippet}"))
-                    after = _retry_after(resp.headers.get("Retry-After"))
-                    wait = wait if after is None else after
+                        raise LLMError(self._scrub(f"LLM server {url} answered HTTP {resp.status_code}: "
+                                                   f"{snippet}"))
+                    after = resp.headers.get("Retry-After", "").strip()  # its HTTP-date form: backoff
+                    wait = float(after) if re.fullmatch(r"\d+(\.\d*)?", after) else wait
             except requests.Timeout:
                 kind = "timeout"
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
@@ -540,7 +518,7 @@ class ChatClient:
                 raise LLMError(self._scrub(f"LLM request to {url} failed: {type(e).__name__}")) from None
             self._fault(kind)
             if attempt < self.max_retries:
-                self.sleep(min(wait, self.max_wait))
+                self._sleep(min(wait, self.max_wait))
         raise LLMError(self._scrub(f"LLM request to {url} failed after {self.max_retries + 1} attempts "
                                    f"(last: {kind})"))
 
@@ -555,41 +533,38 @@ class ChatClient:
         """The LLM's validated answer (from the cache when there); raises LLMError / BadAnswer."""
         if (hit := self.cached(messages)) is not None:
             return hit
-        payload = self._payload(messages, self.max_tokens)
-        if self.response_format in RESPONSE_FORMATS:
-            payload["response_format"] = RESPONSE_FORMATS[self.response_format]
+        payload = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens,
+                   "stream": False, **RESPONSE_FORMATS[self.response_format]}
         if self.logprobs:
             payload.update(logprobs=True, top_logprobs=5)
         reply = self._post(payload)
         try:
             choice = reply["choices"][0]
             ans = parse_answer(choice["message"]["content"])
-        except (KeyError, IndexError, TypeError):
+        except (KeyError, IndexError, TypeError, BadAnswer) as e:
             self._fault("bad_answer")
-            raise BadAnswer(f"LLM reply from {self.base_url} has no choices[0].message.content") from None
-        except BadAnswer as e:
-            self._fault("bad_answer")
-            raise BadAnswer(self._scrub(str(e))) from None
-        if self.api_key and self.api_key in ans.reason:  # a server that echoes the key: never store it
-            ans = replace(ans, reason=ans.reason.replace(self.api_key, "***"))
-        if self.logprobs:
-            ans = replace(ans, p_anomalous=label_probability(choice.get("logprobs")))
+            why = str(e) if isinstance(e, BadAnswer) else "no choices[0].message.content"
+            raise BadAnswer(self._scrub(f"LLM reply from {self.base_url}: {why}")) from None
+        ans = replace(ans, reason=ans.reason.replace(self._api_key, "***") if self._api_key else ans.reason,
+                      p_anomalous=label_probability(choice.get("logprobs")) if self.logprobs else None)
         if self.cache is not None:
             self.cache.put(self.key(messages), ans)
         return ans
 
     def check(self) -> list[str]:
-        """One fast request (GET /models, else a 1-token chat): the model ids; LLMUnavailable naming the URL."""
+        """One fast request (GET /models, else a 1-token chat): model ids, or LLMUnavailable (one line)."""
         timeout, url = min(self.timeout, 10.0), self.base_url
         try:
             with self._send("GET", "/models", timeout) as r:
                 if (status := r.status_code) == 200:
                     try:
-                        return [str(m["id"]) for m in self._read_json(r, url, time.monotonic() + timeout)["data"]]
+                        models = self._read_json(r, url, time.monotonic() + timeout)["data"]
+                        return [str(m["id"]) for m in models]
                     except (LLMError, KeyError, TypeError):
                         return []  # reachable; the model list is only informative
             if status == 404:  # some servers have no /models: a tiny chat instead
-                ping = self._payload([{"role": "user", "content": "ping"}], 1)
+                ping = {"model": self.model, "messages": [{"role": "user", "content": "ping"}],
+                        "max_tokens": 1, "temperature": 0}
                 with self._send("POST", "/chat/completions", timeout, ping) as r:
                     if (status := r.status_code) == 200:
                         return []
@@ -605,8 +580,8 @@ class ChatClient:
 
 def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int,
             say: Callable[[str], None] = lambda msg: None, every: float = 10.0) -> dict:
-    """key -> Answer, or the LLMError that ended its question, for jobs [(key, messages), ...]: cached answers at
-    once, then every `every` seconds a line on how many are answered and how long the rest will take."""
+    """key -> Answer, or the LLMError that ended its question, for jobs [(key, messages), ...]: cached answers
+    at once, then every `every` seconds a line on how many are answered and how long the rest will take."""
     results = {g: hit for g, messages in jobs if (hit := client.cached(messages)) is not None}
     todo = [(g, messages) for g, messages in jobs if g not in results]
 
