@@ -391,7 +391,8 @@ class AnswerCache:
         with open(self.path, "a+b") as f:  # an unwritable cache fails here, at once, not mid-run (OSError)
             f.seek(0)
             data = f.read()
-        self._needs_newline = bool(data) and not data.endswith(b"\n")  # a torn last line from a crash
+            if data and not data.endswith(b"\n"):  # a torn last line from a crash: the next answer starts anew
+                f.write(b"\n")
         for line in data.split(b"\n"):  # not str.splitlines(): it also splits at U+2028 and kin
             try:
                 rec = json.loads(line)
@@ -415,9 +416,7 @@ class AnswerCache:
         line = json.dumps({"key": key, "label": answer.label, "confidence": answer.confidence,
                            "reason": answer.reason, "p_anomalous": answer.p_anomalous})  # ASCII: one line
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if self._needs_newline else "") + line + "\n")
-            f.flush()
-            self._needs_newline = False
+            f.write(line + "\n")
             self._answers[key] = replace(answer, cached=True)
 
 
