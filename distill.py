@@ -391,7 +391,7 @@ class AnswerCache:
         with open(self.path, "a+b") as f:  # an unwritable cache fails here, at once, not mid-run (OSError)
             f.seek(0)
             data = f.read()
-            if data and not data.endswith(b"\n"):  # a torn last line from a crash: the next answer starts anew
+            if data and not data.endswith(b"\n"):  # a torn last line from a crash: end it
                 f.write(b"\n")
         for line in data.split(b"\n"):  # not str.splitlines(): it also splits at U+2028 and kin
             try:
