@@ -1,23 +1,15 @@
-"""The proprietary branch of FusionLog: LLM <-> small model collaborative distillation with RAG prompts.
+"""LLM <-> small model distillation, the proprietary branch of FusionLog (Zhao et al., arXiv 2511.05878, 3.4).
 
-FusionLog (Zhao et al., arXiv 2511.05878, Sec. 3.4) sends the target sessions that resemble no source
-system ("proprietary" sessions) to a general-purpose LLM, which labels them from prompts holding retrieved
-labeled examples (RAG); the small model (SM) learns from those labels over a few rounds, its own scores
-decide which sessions the LLM still has to look at, and the two views are fused into weighted pseudo-labels.
-Below: which sessions to ask about, the RAG prompts, the fusion (`fuse`), the loop (`distill`), fine-tuning
-with replay; then the plumbing (chat client, answer cache, answer parsing).
+Target sessions that resemble no source system go to a general-purpose LLM, which labels them from RAG prompts
+(retrieved labeled examples); the small model (SM) learns from those labels over a few rounds, its own scores
+decide what the LLM still has to look at, and the two views are fused into weighted pseudo-labels.
+Below: whom to ask, the RAG prompts, the fusion, the loop, fine-tuning with replay; then the plumbing.
 
-Departures from the paper (DEPARTURES-distill.md gives the measured effect of each):
-- One LLM question per distinct template-set (a "group"), not per session: such sessions share one prompt.
-- p(anomalous) read off the label token's log-probabilities, when the server gives them, replaces the LLM's
-  stated confidence (a small LLM states ~0.9 on every answer).
-- Examples less similar than MIN_SIMILARITY are not shown; groups on which LLM and SM agree join the
-  example pool, so a disputed group asked again sees in-system examples (never itself).
-- The SM's least sure groups are asked first, at most `budget_share` of them per run, near-copies of groups
-  already picked waiting (DIVERSITY); the budget is spent even when the SM is sure of everything.
-- Groups the LLM never answered keep the SM's own label, with a low weight, when the SM is sure.
-- The SM comes as two functions; fine-tuning replays labeled source sessions against forgetting, and a
-  round whose pseudo-labels hold (almost) one class only does not fine-tune (MIN_CLASS_SHARE).
+Departures (DEPARTURES-distill.md gives the measured effect of each): one question per distinct template-set
+(a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the stated
+confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure groups
+are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; fine-tuning
+replays source sessions and is skipped when the pseudo-labels hold one class only.
 """
 from __future__ import annotations
 
@@ -46,19 +38,20 @@ import router
 class DistillConfig:
     """What a user may change in the distillation loop."""
     rounds: int = 3            # ask, fuse, fine-tune; pseudo-labels usually settle by the 2nd or 3rd
-    budget: int = 100          # LLM questions per run, cached ones included; 3-15 s each on 2 CPU cores
+    budget: int = 100          # LLM questions per run, cached ones included
     budget_share: float = 0.5  # ... and at most this share of the distinct template-sets (rounded down)
-    concurrency: int = 2       # requests in flight; a CPU llama.cpp server gains little beyond its slots
+    concurrency: int = 2       # requests in flight
     margin: float = 0.4        # the SM is sure when |p - 0.5| >= margin: only then may it label a set alone
     trust: float = 0.8         # the LLM overrules a disagreeing SM only with this confidence
     seed: int = 0              # replay sampling
 
 
 DIVERSITY = 0.95         # a question with cosine >= this to one already picked waits (0 = off)
-K_EXAMPLES = 2           # retrieved examples per question: short prompts are cheap prompts
-MIN_SIMILARITY = 0.3     # less similar examples are not shown (cross-system ones mislead a small LLM)
+K_EXAMPLES = 2           # retrieved examples per question
+MIN_SIMILARITY = 0.3     # less similar examples are not shown
 MAX_TEMPLATES = 20       # distinct templates shown per question
 EXAMPLE_TEMPLATES = 6    # ... and per example
+MAX_TEMPLATE_CHARS = 200  # a longer template is cut
 W_AGREE = 1.0            # pseudo-label weight when LLM and SM agree
 W_LLM = 0.5              # ... when a confident LLM overrules the SM
 W_SM = 0.3               # ... when the LLM was never asked and the SM alone is sure
@@ -68,16 +61,14 @@ MIN_CLASS_SHARE = 0.005  # fine-tune only if each class holds this share of the 
 
 # ---- which template-sets to ask about
 def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int) -> list[int]:
-    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting.
-    Not only those within the margin: an SM trained on other systems can be sure of everything."""
+    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting."""
     want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
             if g not in answers or answers[g].label != sm_label[g]]
     return diverse_first(want, question_vecs, set(answers), budget, DIVERSITY)
 
 
 def diverse_first(order: list[int], question_vecs, answered: set, budget: int, cap: float) -> list[int]:
-    """`order` (most uncertain first) re-ordered so that its first `budget` unanswered groups are diverse:
-    a group whose question has cosine >= cap to one already picked waits. Picks first, then the rest."""
+    """`order` with its first `budget` unanswered groups diverse (none at cosine >= cap to a pick) first."""
     if cap <= 0 or cap >= 1 or budget <= 0:
         return list(order)
     V = router.l2_normalize_rows(question_vecs)
@@ -99,15 +90,12 @@ SYSTEM_PROMPT = (
     "anomalous only if an operation failed, an error was reported or the system misbehaved. Reply with one "
     'JSON object: {"label": "normal" or "anomalous", "confidence": 0 to 1, "reason": a few words}.'
 )
-MAX_TEMPLATE_CHARS = 200  # a longer template is cut: prompt length is the cost (~75 prompt tokens/s)
 
 
 def format_session(templates_with_counts: list[tuple[str, int]], max_templates: int) -> str:
-    """One line per distinct template: its JSON-quoted text and ' x<count>'; capped at max_templates."""
-    lines = []
-    for text, count in templates_with_counts[:max_templates]:
-        text = text if len(text) <= MAX_TEMPLATE_CHARS else text[:MAX_TEMPLATE_CHARS] + "..."
-        lines.append(f"{json.dumps(text)} x{int(count)}")  # quoted: quotes and newlines escaped, one line
+    """One line per distinct template: its JSON-quoted text (cut) and ' x<count>'; capped at max_templates."""
+    lines = [f"{json.dumps(t if len(t) <= MAX_TEMPLATE_CHARS else t[:MAX_TEMPLATE_CHARS] + '...')} x{int(n)}"
+             for t, n in templates_with_counts[:max_templates]]
     if len(templates_with_counts) > max_templates:
         lines.append(f"(+{len(templates_with_counts) - max_templates} more distinct templates)")
     return "Session:\n" + ("\n".join(lines) if lines else "(no log lines)")
@@ -116,8 +104,7 @@ def format_session(templates_with_counts: list[tuple[str, int]], max_templates: 
 def build_messages(templates_with_counts: list[tuple[str, int]],
                    examples: list[tuple[list[tuple[str, int]], int]],
                    max_templates: int = 20, example_templates: int = 6) -> list[dict]:
-    """System prompt (fixed, so the server can reuse its KV cache), labeled examples as earlier turns,
-    then the question as the last user message."""
+    """The fixed system prompt, the labeled examples as earlier turns, the question as the last user turn."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for example, label in examples:
         messages.append({"role": "user", "content": format_session(example, example_templates)})
@@ -137,21 +124,15 @@ class ExamplePool:
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        self.origin = np.asarray(np.full(len(self.texts), -1) if self.origin is None else self.origin,
-                                 dtype=np.int64)
-        if not (len(self.texts) == self.vecs.shape[0] == len(self.labels) == len(self.origin)):
+        origin = np.full(len(self.labels), -1) if self.origin is None else self.origin  # -1: a source example
+        self.origin = np.asarray(origin, dtype=np.int64)
+        if not len(self.texts) == self.vecs.shape[0] == len(self.labels) == len(self.origin):
             raise ValueError(f"example pool: {len(self.texts)} texts, {self.vecs.shape[0]} vectors, "
                              f"{len(self.labels)} labels, {len(self.origin)} origins")
 
-    def extend(self, texts, vecs, labels, origin) -> ExamplePool:
-        """A new pool with these examples appended."""
-        return ExamplePool(list(self.texts) + list(texts), sp.vstack([self.vecs, vecs]).tocsr(),
-                           np.concatenate([self.labels, labels]), np.concatenate([self.origin, origin]))
-
 
 def retrieve(query_vecs, pool_vecs, k: int, return_scores: bool = False):
-    """Indices (q, min(k, p)) of the pool rows most cosine-similar to each query row, best first
-    (ties: lower index first); with return_scores also the cosines, same shape."""
+    """Indices (q, min(k, p)) of the pool rows most similar to each query, best first (and the cosines)."""
     unit = router.l2_normalize_rows
     idx, scores = router.most_similar(unit(query_vecs), unit(pool_vecs), k)
     return (idx, scores) if return_scores else idx
@@ -159,12 +140,9 @@ def retrieve(query_vecs, pool_vecs, k: int, return_scores: bool = False):
 
 def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> list:
     """RAG prompts: each group's question with its K_EXAMPLES most similar pool examples (never itself)."""
-    if not groups:
-        return []
-    if K_EXAMPLES > 0 and len(pool.texts):
+    idx = sims = np.zeros((len(groups), 0))
+    if len(pool.texts):
         idx, sims = retrieve(question_vecs[groups], pool.vecs, K_EXAMPLES + 1, return_scores=True)
-    else:
-        idx = sims = np.zeros((len(groups), 0))
     out = []
     for row, g in enumerate(groups):
         chosen = [int(j) for j, s in zip(idx[row], sims[row])
@@ -175,31 +153,25 @@ def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> l
 
 
 # ---- pseudo-label fusion: the LLM's and the SM's views of one template-set
-def llm_confidence(answer: Answer) -> float:
-    """The LLM's confidence in its own label: from p(anomalous) when known, else the stated one."""
-    if answer.p_anomalous is None:
-        return answer.confidence
-    return answer.p_anomalous if answer.label == 1 else 1.0 - answer.p_anomalous
-
-
 def fuse(p_sm: float, llm: Answer | None, config: DistillConfig | None = None) -> tuple[int, float]:
     """(pseudo-label, weight) of one group; label -1 with weight 0 = left out of fine-tuning.
-
-        LLM answer   SM vs LLM    LLM confidence   SM            ->  label      weight
-        yes          agree        any              any               shared     W_AGREE (1.0)
-        yes          disagree     >= trust         any               LLM's      W_LLM   (0.5)
-        yes          disagree     <  trust         any               -1         0
-        none         -            -                sure              SM's       W_SM    (0.3)
-        none         -            -                unsure            -1         0
-    (SM sure = |p_sm - 0.5| >= margin.)
-    """
+    Agreement: W_AGREE; a disagreeing LLM at least `trust` sure: its label, W_LLM; never asked and the SM sure
+    (|p_sm - 0.5| >= margin): the SM's label, W_SM; else left out."""
     c = config or DistillConfig()
     sm_label = int(p_sm >= 0.5)
     if llm is None:
         return (sm_label, W_SM) if abs(p_sm - 0.5) >= c.margin else (-1, 0.0)
     if llm.label == sm_label:
         return sm_label, W_AGREE
-    return (llm.label, W_LLM) if llm_confidence(llm) >= c.trust else (-1, 0.0)
+    p = llm.p_anomalous  # the LLM's confidence in its label: from p(anomalous) if known
+    confidence = llm.confidence if p is None else p if llm.label == 1 else 1.0 - p
+    return (llm.label, W_LLM) if confidence >= c.trust else (-1, 0.0)
+
+
+def fuse_all(p, answers: dict, config: DistillConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers."""
+    fused = np.array([fuse(p[g], answers.get(g), config) for g in range(len(p))], np.float64).reshape(-1, 2)
+    return fused[:, 0].astype(np.int64), fused[:, 1]
 
 
 # ---- the multi-round distillation loop
@@ -216,33 +188,30 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
             fine_tune: Callable, progress: Callable[[str], None] | None = None) -> DistillResult:
     """Multi-round LLM <-> SM distillation over the proprietary sessions X (n, D); group (n,) maps them to
     template-sets 0..G-1, described by questions[g] = [(template, count), ...] and question_vecs (G, V);
-    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w) -> params.
-    Round counts are in groups (but pseudo_labeled_sessions); new requests = asked - cached."""
+    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w)."""
     c, say = config or DistillConfig(), progress or (lambda msg: None)
     group, G = _checked_groups(group, X, questions, question_vecs), len(questions)
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
     answers, asked_with = {}, {}  # group -> its latest Answer, and the cache key of the prompt it answered
-    budget = min(c.budget, int(c.budget_share * G))  # rounded down: never more than that share of the sets
+    budget = min(c.budget, int(c.budget_share * G))
     labels, examples, rounds = np.full(G, -1, dtype=np.int64), pool, []
     for r in range(1, c.rounds + 1):
+        say_r = lambda msg, r=r: say(f"distill round {r}: {msg}")  # noqa: E731
         # 1. the SM's view of each group: the mean probability of its sessions
         p = np.bincount(group, weights=predict_proba(X, params), minlength=G) / np.maximum(sizes, 1)  # (G,)
         sm_label = (p >= 0.5).astype(np.int64)
         # 2. ask the LLM about unanswered and disputed groups, the SM's least sure first, within the budget
         want = whom_to_ask(p, sm_label, answers, question_vecs, budget)
         asking = prompts(want, questions, question_vecs, examples)
-        jobs, n_cached, budget = _new_questions(client, want, asking, asked_with, budget)
-        say(f"distill round {r}: asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
-            f"{budget} questions left")
-        failed, faults = _ask(client, jobs, c.concurrency, answers, asked_with, say, r)
-        budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget  # all failed: server down
+        record, budget = ask(client, want, asking, answers, asked_with, budget, c.concurrency, say_r)
         # 3. fuse the two views of each group into a weighted pseudo-label
-        prev = labels
-        labels, weights = fuse_all(p, answers, c)
-        rounds.append(_round_record(r, jobs, n_cached, failed, faults, answers, sm_label, labels, prev,
-                                    weights, sizes))
-        say("distill round {round}: agreed {agreed}, disputed {disputed}, flipped {flipped}, pseudo-labeled "
-            "{pseudo_labeled} sets / {pseudo_labeled_sessions} sessions".format(**rounds[-1]))
+        prev, (labels, weights) = labels, fuse_all(p, answers, c)
+        agreed = sum(1 for g, a in answers.items() if a.label == sm_label[g])
+        rounds.append(dict(round=r, **record, agreed=agreed, disputed=len(answers) - agreed,
+                           flipped=int(np.sum(labels != prev)), pseudo_labeled=int(np.sum(weights > 0)),
+                           pseudo_labeled_sessions=int(sizes[weights > 0].sum()), fine_tuned=False))
+        say_r("agreed {agreed}, disputed {disputed}, flipped {flipped}, pseudo-labeled {pseudo_labeled} sets "
+              "/ {pseudo_labeled_sessions} sessions".format(**rounds[-1]))
         # 4. converged (no pseudo-label changed): stop, after one more fine-tuning if the SM contradicts them
         converged = r > 1 and rounds[-1]["flipped"] == 0
         if converged and np.all(sm_label[labels >= 0] == labels[labels >= 0]):
@@ -251,7 +220,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         keep = np.flatnonzero(weights[group] > 0)
         yt, wt = labels[group][keep], weights[group][keep]
         if keep.size and not both_classes(yt, wt, MIN_CLASS_SHARE):
-            say(f"distill round {r}: pseudo-labels hold (almost) one class only: the SM is not fine-tuned")
+            say_r("pseudo-labels hold (almost) one class only: the SM is not fine-tuned")
         elif keep.size:
             params = fine_tune(params, *with_replay(X[keep], yt, wt, replay, rng))
             rounds[-1]["fine_tuned"] = True
@@ -262,18 +231,31 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
     return DistillResult(params, answers, rounds)
 
 
+def ask(client: ChatClient, want: list[int], messages: list, answers: dict, asked_with: dict, budget: int,
+        concurrency: int, say) -> tuple[dict, int]:
+    """Ask each wanted group its prompt, unless it answered that one already, within the budget; keep answers
+    and prompt keys by group. Cached answers count against the budget, so a resumed run asks what an unbroken
+    one would. ({asked, cached, failed, faults}, budget left; 0 when every new request failed)."""
+    jobs = [(g, m) for g, m in zip(want, messages) if asked_with.get(g) != client.key(m)][:max(budget, 0)]
+    n_cached, faults = sum(client.cached(m) is not None for _, m in jobs), sum(client.faults.values())
+    say(f"asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
+        f"{budget - len(jobs)} questions left")
+    results = ask_all(client, jobs, concurrency, say)
+    answered = [(g, m) for g, m in jobs if isinstance(results[g], Answer)]
+    answers.update((g, results[g]) for g, _ in answered)
+    asked_with.update((g, client.key(m)) for g, m in answered)
+    failed = len(jobs) - len(answered)
+    faults = sum(client.faults.values()) - faults
+    budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget - len(jobs)  # all failed: down
+    return dict(asked=len(jobs), cached=n_cached, failed=failed, faults=faults), budget
+
+
 def with_agreed(pool: ExamplePool, answers: dict, sm_label, labels, questions, question_vecs) -> ExamplePool:
     """The pool plus the target groups on which the LLM and the SM agree, as labeled examples."""
     agree = [g for g, a in sorted(answers.items()) if a.label == sm_label[g]]
-    return pool.extend([questions[g] for g in agree], question_vecs[agree], labels[agree],
-                       np.array(agree)) if agree else pool
-
-
-def fuse_all(p, answers: dict, config: DistillConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers."""
-    fused = [fuse(p[g], answers.get(g), config) for g in range(len(p))]
-    labels, weights = zip(*fused) if fused else ((), ())
-    return np.array(labels, dtype=np.int64), np.array(weights, dtype=np.float64)
+    return ExamplePool(list(pool.texts) + [questions[g] for g in agree],
+                       sp.vstack([pool.vecs, question_vecs[agree]]).tocsr(),
+                       np.concatenate([pool.labels, labels[agree]]), np.concatenate([pool.origin, agree]))
 
 
 def _checked_groups(group, X, questions, question_vecs) -> np.ndarray:
@@ -285,40 +267,6 @@ def _checked_groups(group, X, questions, question_vecs) -> np.ndarray:
     return group
 
 
-def _new_questions(client: ChatClient, want: list[int], messages: list, asked_with: dict, budget: int):
-    """(jobs [(group, messages)], how many are cached, budget left). A group is never asked the same prompt
-    twice; cached answers count against the budget too, so a run resumed after a crash asks what an
-    unbroken run would."""
-    jobs, n_cached = [], 0
-    for g, msgs in zip(want, messages):
-        if asked_with.get(g) != client.key(msgs) and budget > 0:
-            budget -= 1
-            n_cached += client.cached(msgs) is not None
-            jobs.append((g, msgs))
-    return jobs, n_cached, budget
-
-
-def _ask(client: ChatClient, jobs: list, concurrency: int, answers: dict, asked_with: dict, say, r: int):
-    """Ask the jobs, keep each answer and its prompt's key by group: (questions failed, faults counted)."""
-    faults_before = sum(client.faults.values())
-    results = ask_all(client, jobs, concurrency, lambda msg: say(f"distill round {r}: {msg}"))
-    failed = 0
-    for g, msgs in jobs:
-        if isinstance(results[g], Answer):
-            answers[g], asked_with[g] = results[g], client.key(msgs)
-        else:
-            failed += 1
-    return failed, sum(client.faults.values()) - faults_before
-
-
-def _round_record(r, jobs, n_cached, failed, faults, answers, sm_label, labels, prev, weights, sizes) -> dict:
-    agreed = sum(1 for g, a in answers.items() if a.label == sm_label[g])
-    return dict(round=r, asked=len(jobs), cached=n_cached, failed=failed, agreed=agreed,
-                disputed=len(answers) - agreed, flipped=int(np.sum(labels != prev)), faults=faults,
-                pseudo_labeled=int(np.sum(weights > 0)),
-                pseudo_labeled_sessions=int(sizes[weights > 0].sum()), fine_tuned=False)
-
-
 # ---- fine-tuning with replay
 def both_classes(labels, weights, min_share: float) -> bool:
     """Whether each class holds at least min_share of the total weight (labels 0/1, weights >= 0)."""
@@ -328,8 +276,7 @@ def both_classes(labels, weights, min_share: float) -> bool:
 
 
 def with_replay(X, y, w, replay, rng: np.random.Generator) -> tuple:
-    """(X, y, w) of the pseudo-labeled sessions plus REPLAY_RATIO times as many labeled source sessions
-    (weight 1, drawn without replacement), so that fine-tuning does not forget the sources."""
+    """(X, y, w) plus REPLAY_RATIO times as many labeled source sessions (weight 1, without replacement)."""
     if replay is None or REPLAY_RATIO <= 0 or not len(replay[1]):
         return X, y, w
     m = min(len(replay[1]), int(round(REPLAY_RATIO * len(y))))
@@ -339,7 +286,7 @@ def with_replay(X, y, w, replay, rng: np.random.Generator) -> tuple:
     return X, np.concatenate([y, np.asarray(replay[1])[pick]]), np.concatenate([w, np.ones(m)])
 
 
-# ---- plumbing: the OpenAI-compatible client, answer cache, answer parsing
+# ---- plumbing: answers and their parsing, the answer cache, the OpenAI-compatible client
 SCHEMA = {  # no min/max keywords: OpenAI's strict mode rejects some; parse_answer checks the range
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["normal", "anomalous"]},
@@ -364,7 +311,7 @@ class BadAnswer(LLMError):
 class Answer:
     """One LLM verdict on one question."""
     label: int                        # 1 = anomalous, 0 = normal
-    confidence: float                 # the stated confidence in [0, 1] (uninformative for small models)
+    confidence: float                 # the stated confidence in [0, 1]
     reason: str
     p_anomalous: float | None = None  # from the label token's log-probabilities, when the server gives them
     cached: bool = False              # served by the AnswerCache, no HTTP request made
@@ -376,20 +323,17 @@ def _clip(value, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-_DECODER = json.JSONDecoder()
-
-
 def parse_answer(text: str) -> Answer:
-    """The JSON object with a "label" in `text` (fences and prose around it ignored), checked against SCHEMA;
+    """The JSON object with a "label" in `text` (prose and fences around it ignored), checked against SCHEMA;
     several such objects with different labels (an echo of the log text, say) are refused, not guessed."""
     if not isinstance(text, str):
         raise BadAnswer(f"answer content is not text: {_clip(text)}")
     found, end = [], 0
-    for m in re.finditer(r"\{", text[:20_000]):  # try each '{' outside the objects already read
+    for m in re.finditer(r"\{", text[:20_000]):  # each '{' outside the objects already read
         if m.start() < end:
             continue
         try:
-            obj, end = _DECODER.raw_decode(text, m.start())
+            obj, end = json.JSONDecoder().raw_decode(text, m.start())
         except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             continue
         if isinstance(obj, dict) and "label" in obj:
@@ -403,50 +347,32 @@ def parse_answer(text: str) -> Answer:
         raise BadAnswer(f"label must be 'normal' or 'anomalous', got {_clip(label)}")
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not (0.0 <= conf <= 1.0):
         raise BadAnswer(f"confidence must be a number in [0, 1], got {_clip(conf)}")  # NaN fails too
-    return Answer(LABEL_NAMES.index(label.strip().lower()), float(conf),
-                  reason[:300] if isinstance(reason, str) else "")
-
-
-def _label_class(token: str) -> int | None:
-    """Which label a candidate first token of the label value begins: 1 'anom…', 0 'norm…', else None."""
-    s = token.lower().lstrip(' \t\r\n":')  # the token may carry the opening quote, e.g. ' "an'
-    if s and ("anomalous".startswith(s) or s.startswith("anom")):
-        return 1
-    if s and ("normal".startswith(s) or s.startswith("norm")):
-        return 0
-    return None
+    reason = reason[:300] if isinstance(reason, str) else ""
+    return Answer(LABEL_NAMES.index(label.strip().lower()), float(conf), reason)
 
 
 def label_probability(logprobs) -> float | None:
-    """p(anomalous) from `choices[0].logprobs` of a chat reply (OpenAI's format, also llama.cpp's, or the
-    older completion one), or None: at the token where the value of "label" starts, the probability mass
-    of the candidates that begin "anomalous" against those that begin "normal"."""
+    """p(anomalous) from a chat reply's `choices[0].logprobs` (OpenAI's format, also llama.cpp's, vLLM's), or
+    None: the mass of the label value's first-token candidates that begin "anomalous" against "normal"."""
     try:
-        if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-            items = [(c["token"], c["logprob"],
-                      [(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
-                     for c in logprobs["content"]]
-        elif isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
-            items = [(t, lp, list((top or {}).items())) for t, lp, top in
-                     zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs.get("top_logprobs") or [])]
-        else:
-            return None
-        text = "".join(token for token, _, _ in items)
+        items = [(c["token"], c["logprob"], c.get("top_logprobs") or []) for c in logprobs["content"]]
         starts = np.cumsum([0] + [len(token) for token, _, _ in items[:-1]])  # char offset of each token
-        m = re.search(r'"label"\s*:\s*"', text)
+        m = re.search(r'"label"\s*:\s*"', "".join(token for token, _, _ in items))
         if m is None:
             return None
         token, lp, top = items[int(np.flatnonzero(starts <= m.end())[-1])]  # holds the value's first char
-        cands = dict(top)
+        cands = {t["token"]: t["logprob"] for t in top}
         cands.setdefault(token, lp)
         mass = [0.0, 0.0]
         for tok, l in cands.items():
-            c = _label_class(str(tok))
+            s = str(tok).lower().lstrip(' \t\r\n":')  # the token may carry the opening quote, e.g. ' "an'
+            c = next((c for c, name in enumerate(LABEL_NAMES)
+                      if s and (name.startswith(s) or s.startswith(name[:4]))), None)
             if c is not None and l is not None and math.isfinite(float(l)):
                 mass[c] += math.exp(float(l))
         return mass[1] / (mass[0] + mass[1]) if mass[0] + mass[1] > 0 else None
-    except (KeyError, TypeError, ValueError):
-        return None  # an unexpected shape: fall back to the stated confidence
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None  # no or an unexpected shape: fall back to the stated confidence
 
 
 def cache_key(model: str, messages: list[dict], logprobs: bool = False) -> str:
@@ -457,24 +383,24 @@ def cache_key(model: str, messages: list[dict], logprobs: bool = False) -> str:
 
 
 class AnswerCache:
-    """Append-only JSONL of answers by key; a half-written or corrupt line is skipped, not fatal."""
+    """Append-only JSONL of answers by key; a torn or corrupt line is skipped (and counted), not fatal."""
 
     def __init__(self, path):
-        self.path, self._answers, self._lock = os.fspath(path), {}, threading.Lock()
-        self.skipped = 0  # corrupt lines seen at load
+        self.path, self._answers, self._lock, self.skipped = os.fspath(path), {}, threading.Lock(), 0
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a+b") as f:  # an unwritable cache fails here, at once, not mid-run (OSError)
             f.seek(0)
             data = f.read()
-        self._needs_newline = bool(data) and not data.endswith(b"\n")  # a half line from a crash
+            if data and not data.endswith(b"\n"):  # a torn last line from a crash: end it
+                f.write(b"\n")
         for line in data.split(b"\n"):  # not str.splitlines(): it also splits at U+2028 and kin
             try:
                 rec = json.loads(line)
                 p = rec.get("p_anomalous")
                 ans = Answer(int(rec["label"]), float(rec["confidence"]), str(rec["reason"]),
                              None if p is None else float(p), cached=True)
-                if ans.label not in (0, 1) or not 0 <= ans.confidence <= 1 \
-                        or not isinstance(rec["key"], str) or not (p is None or 0 <= ans.p_anomalous <= 1):
+                if not (ans.label in (0, 1) and 0 <= ans.confidence <= 1 and 0 <= (ans.p_anomalous or 0) <= 1
+                        and isinstance(rec["key"], str)):
                     raise ValueError
                 self._answers[rec["key"]] = ans
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -489,48 +415,39 @@ class AnswerCache:
     def put(self, key: str, answer: Answer) -> None:
         line = json.dumps({"key": key, "label": answer.label, "confidence": answer.confidence,
                            "reason": answer.reason, "p_anomalous": answer.p_anomalous})  # ASCII: one line
-        with self._lock:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(("\n" if self._needs_newline else "") + line + "\n")
-                f.flush()
-            self._needs_newline = False
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
             self._answers[key] = replace(answer, cached=True)
 
 
-_RETRY_STATUS = {429, 500, 502, 503}
-_FORMATS = ("json_object_schema", "json_schema", "none")
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header in its seconds form; the HTTP-date form falls back to backoff."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+RESPONSE_FORMATS = {  # the payload's part per format: llama.cpp (a grammar); OpenAI, vLLM; Ollama, free text
+    "json_object_schema": {"response_format": {"type": "json_object", "schema": SCHEMA}},
+    "json_schema": {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "label", "schema": SCHEMA, "strict": True}}},
+    "none": {}}
+RETRY_STATUS = {429, 500, 502, 503}
 
 
 class ChatClient:
-    """OpenAI-compatible chat completions over one requests.Session: retries, fault counts, a cache."""
+    """OpenAI-compatible chat completions over one requests.Session, with retries, a deadline and a cache."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  response_format: str = "json_object_schema", timeout: float = 120.0, max_retries: int = 3,
                  backoff: float = 1.0, max_wait: float = 60.0, logprobs: bool = False, max_tokens: int = 200,
                  max_bytes: int = 4_000_000, cache: AnswerCache | None = None, sleep: Callable = time.sleep):
-        if response_format not in _FORMATS:
-            raise ValueError(f"response_format must be one of {', '.join(_FORMATS)}, got {response_format!r}")
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8080/v1")
-        self.base_url = self.base_url.rstrip("/")
+        """timeout: seconds per attempt, for each read and the whole reply; 1 + max_retries attempts, waiting
+        backoff * 2**attempt s (or as Retry-After says), at most max_wait; a reply over max_bytes fails."""
+        if response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
+                             f"got {response_format!r}")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8080/v1"
+        self.base_url = base_url.rstrip("/")
         self.model = model or os.environ.get("OPENAI_MODEL") or "local"
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or None  # never shown, logged or cached
         self.response_format, self.logprobs, self.cache = response_format, logprobs, cache
-        # timeout: seconds per attempt, for each read and the whole reply; attempts = 1 + max_retries, waiting
-        # backoff * 2**attempt s (or as Retry-After says), at most max_wait; replies over max_bytes fail
         self.timeout, self.max_retries, self.backoff, self.max_wait = timeout, max_retries, backoff, max_wait
-        self.max_tokens, self.max_bytes = max_tokens, max_bytes
-        self.faults: Counter = Counter()  # fault kind -> count, over the client's life
-        self._sleep, self._lock = sleep, threading.Lock()
+        self.max_tokens, self.max_bytes, self._sleep = max_tokens, max_bytes, sleep
+        self.faults, self._lock = Counter(), threading.Lock()  # faults: kind -> count, over the client's life
         self._session = requests.Session()  # one connection pool, shared by the worker threads
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=32, max_retries=0)
         self._session.mount("http://", adapter)
@@ -541,10 +458,6 @@ class ChatClient:
                 f"api_key={'***' if self._api_key else None}, response_format={self.response_format!r}, "
                 f"logprobs={self.logprobs})")
 
-    def _headers(self) -> dict:
-        auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        return {"Content-Type": "application/json", **auth}
-
     def _scrub(self, message: str) -> str:
         """One line, without the API key even if a server echoed it."""
         message = " ".join(message.split())
@@ -554,9 +467,13 @@ class ChatClient:
         with self._lock:
             self.faults[kind] += 1
 
+    def _send(self, method: str, path: str, timeout: float, payload: dict | None = None) -> requests.Response:
+        auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        return self._session.request(method, self.base_url + path, json=payload, timeout=timeout, stream=True,
+                                     headers={"Content-Type": "application/json", **auth})
+
     def _read_json(self, resp: requests.Response, url: str, deadline: float):
-        """The reply's JSON, at most max_bytes of it, by the deadline (time.monotonic()): requests' timeout
-        bounds each read only, so a server dripping a byte at a time would otherwise never time out."""
+        """The reply's JSON, at most max_bytes of it, by the deadline (requests' timeout bounds one read)."""
         chunks, size = [], 0
         read1 = getattr(resp.raw, "read1", None)  # urllib3 2: whatever bytes are there (iter_content waits)
         arriving = iter(lambda: read1(65536, decode_content=True), b"") if read1 else resp.iter_content(65536)
@@ -580,18 +497,17 @@ class ChatClient:
         for attempt in range(self.max_retries + 1):
             wait, deadline = self.backoff * 2 ** attempt, time.monotonic() + self.timeout
             try:
-                with self._session.post(url, json=payload, headers=self._headers(), timeout=self.timeout,
-                                        stream=True) as resp:
+                with self._send("POST", "/chat/completions", self.timeout, payload) as resp:
                     if resp.status_code == 200:
                         return self._read_json(resp, url, deadline)
                     kind = f"http_{resp.status_code}"
-                    if resp.status_code not in _RETRY_STATUS:  # 400, 401, 404...: retrying will not help
+                    if resp.status_code not in RETRY_STATUS:  # 400, 401, 404...: retrying will not help
                         self._fault(kind)
                         snippet = next(resp.iter_content(300), b"").decode("utf-8", "replace")
                         raise LLMError(self._scrub(f"LLM server {url} answered HTTP {resp.status_code}: "
                                                    f"{snippet}"))
-                    after = _retry_after(resp.headers.get("Retry-After"))
-                    wait = wait if after is None else after
+                    after = resp.headers.get("Retry-After", "").strip()  # its HTTP-date form: backoff
+                    wait = float(after) if re.fullmatch(r"\d+(\.\d*)?", after) else wait
             except requests.Timeout:
                 kind = "timeout"
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
@@ -616,50 +532,39 @@ class ChatClient:
         """The LLM's validated answer (from the cache when there); raises LLMError / BadAnswer."""
         if (hit := self.cached(messages)) is not None:
             return hit
-        payload = {"model": self.model, "messages": messages, "temperature": 0,
-                   "max_tokens": self.max_tokens, "stream": False}
-        if self.response_format == "json_object_schema":  # llama.cpp turns the schema into a grammar
-            payload["response_format"] = {"type": "json_object", "schema": SCHEMA}
-        elif self.response_format == "json_schema":  # OpenAI structured outputs
-            payload["response_format"] = {"type": "json_schema",
-                                          "json_schema": {"name": "label", "schema": SCHEMA, "strict": True}}
+        payload = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens,
+                   "stream": False, **RESPONSE_FORMATS[self.response_format]}
         if self.logprobs:
             payload.update(logprobs=True, top_logprobs=5)
         reply = self._post(payload)
         try:
             choice = reply["choices"][0]
             ans = parse_answer(choice["message"]["content"])
-        except (KeyError, IndexError, TypeError):
+        except (KeyError, IndexError, TypeError, BadAnswer) as e:
             self._fault("bad_answer")
-            raise BadAnswer(f"LLM reply from {self.base_url} has no choices[0].message.content") from None
-        except BadAnswer as e:
-            self._fault("bad_answer")
-            raise BadAnswer(self._scrub(str(e))) from None
-        if self._api_key and self._api_key in ans.reason:  # a server that echoes the key: never store it
-            ans = replace(ans, reason=ans.reason.replace(self._api_key, "***"))
-        if self.logprobs:
-            ans = replace(ans, p_anomalous=label_probability(choice.get("logprobs")))
+            why = str(e) if isinstance(e, BadAnswer) else "no choices[0].message.content"
+            raise BadAnswer(self._scrub(f"LLM reply from {self.base_url}: {why}")) from None
+        ans = replace(ans, reason=ans.reason.replace(self._api_key, "***") if self._api_key else ans.reason,
+                      p_anomalous=label_probability(choice.get("logprobs")) if self.logprobs else None)
         if self.cache is not None:
             self.cache.put(self.key(messages), ans)
         return ans
 
     def check(self) -> list[str]:
-        """One fast request (GET /models, else a 1-token chat); raise LLMUnavailable naming the URL."""
+        """One fast request (GET /models, else a 1-token chat): model ids, or LLMUnavailable (one line)."""
         timeout, url = min(self.timeout, 10.0), self.base_url
-        tiny = {"model": self.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
-                "temperature": 0}
         try:
-            with self._session.get(f"{url}/models", headers=self._headers(), timeout=timeout,
-                                   stream=True) as r:
+            with self._send("GET", "/models", timeout) as r:
                 if (status := r.status_code) == 200:
                     try:
                         models = self._read_json(r, url, time.monotonic() + timeout)["data"]
                         return [str(m["id"]) for m in models]
                     except (LLMError, KeyError, TypeError):
                         return []  # reachable; the model list is only informative
-            if status == 404:  # some servers have no /models: try a tiny chat instead
-                with self._session.post(f"{url}/chat/completions", json=tiny, headers=self._headers(),
-                                        timeout=timeout, stream=True) as r:
+            if status == 404:  # some servers have no /models: a tiny chat instead
+                ping = {"model": self.model, "messages": [{"role": "user", "content": "ping"}],
+                        "max_tokens": 1, "temperature": 0}
+                with self._send("POST", "/chat/completions", timeout, ping) as r:
                     if (status := r.status_code) == 200:
                         return []
         except requests.ReadTimeout:  # connected, but busy (llama.cpp answers nothing while serving another)
@@ -684,8 +589,6 @@ def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency:
             return client.answer(messages)
         except LLMError as e:  # left to the SM; the client has counted the fault
             return e
-    if not todo:
-        return results
     start = last = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         futures = {pool.submit(one, messages): g for g, messages in todo}
@@ -694,7 +597,7 @@ def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency:
             now = time.monotonic()
             if done < len(todo) and now - last >= every:
                 left = (now - start) / done * (len(todo) - done)
-                left = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
-                say(f"{len(results)}/{len(jobs)} answered, about {left} left")
+                say(f"{len(results)}/{len(jobs)} answered, about "
+                    f"{f'{left:.0f} s' if left < 90 else f'{left / 60:.0f} min'} left")
                 last = now
     return results
