@@ -524,12 +524,10 @@ def test_maml_train_equals_first_order_maml_written_from_the_equations():
     X, y = domains[2]
     keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:3]])
     domains[2] = (X[keep], y[keep])  # 3 anomalies: unbalanced support and query sets, so class weights matter
-    config = mm.MetaConfig(hidden=(6, 4), meta_iters=4, inner_steps=2, inner_lr=0.3, meta_lr=0.01,
-                           support_size=8, query_size=10, l2=0.01, seed=3)
+    config = mm.MetaConfig(hidden=(6, 4), meta_iters=4, inner_steps=2, inner_lr=0.3, meta_lr=0.01, seed=3)
     got = mm.maml_train(domains, config)
     want = ref_maml([(X.toarray(), y) for X, y in domains], config.hidden, config.meta_iters, config.inner_lr,
-                    config.inner_steps, config.meta_lr, config.support_size, config.query_size, config.l2,
-                    config.seed)
+                    config.inner_steps, config.meta_lr, mm.SUPPORT_SIZE, mm.QUERY_SIZE, mm.L2, config.seed)
     start = ref_init(domains[0][0].shape[1], config.hidden, np.random.default_rng(config.seed))
     assert set(got) == set(want)
     for k in want:
@@ -569,7 +567,7 @@ def test_fine_tune_moves_toward_pseudo_labels_and_ignores_zero_weights():
     rng = np.random.default_rng(6)
     X = sp.csr_matrix(rng.random((200, 10)))
     y = (X[:, 0].toarray().ravel() + X[:, 1].toarray().ravel() > 1.2).astype(int)
-    config = mm.MetaConfig(hidden=(8,), finetune_lr=1e-2, finetune_epochs=20, batch_size=32)
+    config = mm.MetaConfig(hidden=(8,), finetune_lr=1e-2, finetune_epochs=20)
     params = mm.init_params(10, config.hidden, np.random.default_rng(0))
     w = np.ones(200)
     w[:50] = 0.0
@@ -583,18 +581,19 @@ def test_fine_tune_moves_toward_pseudo_labels_and_ignores_zero_weights():
 
 
 def test_fine_tune_takes_at_least_min_steps_on_a_small_set(monkeypatch):
-    """10 sessions in batches of 128 are one step an epoch: finetune_min_steps sets the number of steps."""
+    """10 sessions in batches of 128 are one step an epoch: FINETUNE_MIN_STEPS sets the number of steps."""
     rng = np.random.default_rng(7)
     X, y = sp.csr_matrix(rng.random((10, 4))), np.array([0, 1] * 5)
     params = mm.init_params(4, (3,), np.random.default_rng(0))
     calls = []
     real = mm.loss_and_grads
     monkeypatch.setattr(mm, "loss_and_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
-    mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=2, finetune_min_steps=7))
-    assert len(calls) == 7
+    mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=2))
+    assert len(calls) == mm.FINETUNE_MIN_STEPS
     calls.clear()
-    mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=2, finetune_min_steps=0))
-    assert len(calls) == 2                                           # epochs rule when they give more steps
+    more = mm.FINETUNE_MIN_STEPS + 7
+    mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=more))
+    assert len(calls) == more                                        # epochs rule when they give more steps
 
 
 # -----------------------------------------------------------------------------
@@ -651,13 +650,13 @@ def test_wrong_version_or_format_is_rejected(tmp_path):
     params = mm.init_params(3, (2,), np.random.default_rng(8))
     for header, match in (({"format": mm.FORMAT, "version": 1}, "format version 1; this fusionlog reads version 2"),
                           ({"format": "other", "version": 2}, "format")):
-        header = dict(header, sha256=mm._digest(params), config={})
+        header = dict(header, sha256=mm._digest(params, {}), config={})
         path = tmp_path / "model.npz"
         with open(path, "wb") as f:
             np.savez(f, **params, __config__=np.array(json.dumps(header)))
         with pytest.raises(ValueError, match=f"model.npz.*{match}"):
             mm.load(path)
-    header = {"format": mm.FORMAT, "version": mm.VERSION, "sha256": mm._digest(params), "config": {}}
+    header = {"format": mm.FORMAT, "version": mm.VERSION, "sha256": mm._digest(params, {}), "config": {}}
     for extra in ({"names": np.array(["a", "b"])}, {"obj": np.array([{"x": 1}], dtype=object)}):  # text; pickle
         with open(path, "wb") as f:
             np.savez(f, **params, **extra, __config__=np.array(json.dumps(header)))
