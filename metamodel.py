@@ -203,10 +203,11 @@ class Adam:
 
     def step(self, params: dict, grads: dict) -> dict:
         """One update: new params from these gradients."""
-        self.t += 1
-        new = {}
+        self.t, new = self.t + 1, {}
+        if self.t == 1:                                      # the moments start at zero
+            self.m, self.v = ({k: np.zeros_like(p) for k, p in params.items()} for _ in range(2))
         for k, p in params.items():
-            m, v = self.m.setdefault(k, np.zeros_like(p)), self.v.setdefault(k, np.zeros_like(p))  # in place
+            m, v = self.m[k], self.v[k]                      # our own state: updated in place
             m *= self.beta1                                  # m = beta1 m + (1 - beta1) g
             m += (1 - self.beta1) * grads[k]
             v *= self.beta2                                  # v = beta2 v + (1 - beta2) g^2
