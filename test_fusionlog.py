@@ -2563,3 +2563,37 @@ def test_bench_scores_the_held_out_half_in_batches_and_tables_whether_they_equal
     assert md in bench.render_md({"machine": bench.machine(), "llm": {"url": "none", "model": "none"},
                                   "command": "x", "date": "d", "library": "l", "seed": 0, "wall_seconds": 1.0,
                                   "targets": {"HDFS": r}})
+
+
+# ====================================================================================================
+# bench/robust.py: the target's own event frequencies (LogLead's OOV_detector and RarityModel, in numpy)
+# ====================================================================================================
+
+def load_robust():
+    import importlib.util
+    path = Path(__file__).resolve().parent / "bench" / "robust.py"
+    spec = importlib.util.spec_from_file_location("robust", path)
+    robust = importlib.util.module_from_spec(spec)
+    sys.modules["robust"] = robust  # its dataclass looks its module up there
+    spec.loader.exec_module(robust)
+    return robust
+
+
+def test_robust_new_event_flags_sessions_with_a_rare_event_and_rarity_ranks_rare_above_common():
+    robust = load_robust()
+    # events a, b common (in every fit session); c in 1 of 200 fit sessions (< 1%); d never in the fit half
+    fit = np.zeros((200, 4))
+    fit[:, 0], fit[:, 1] = 3, 2
+    fit[0, 2] = 1
+    scored = np.array([[3, 2, 0, 0],    # only common events
+                       [3, 2, 1, 0],    # a rare event among common ones
+                       [0, 0, 0, 2],    # an event the fit half never saw
+                       [0, 0, 2, 1]])   # only rare events
+    new_event = robust.NewEventDetector().fit(fit)
+    assert new_event.rare.tolist() == [False, False, True, True]
+    assert new_event.predict(scored).tolist() == [0, 1, 1, 1]
+    assert new_event.score(scored).tolist() == [0, 1, 2, 3]  # lines of rare events
+    rarity = robust.RarityScore().fit(fit)
+    s = rarity.score(scored)
+    assert s[0] == 0 and s[3] > s[1] > s[0] and s[2] > s[3]  # never seen weighs twice the rarest seen
+    assert rarity.predict(scored).tolist() == [0, 1, 1, 1]   # threshold 10: one rare event in 2 common ones
