@@ -300,12 +300,15 @@ def group_table(group: str, rows: list[dict]) -> list[str]:
 def cost_table(rows: list[dict]) -> list[str]:
     """LLM questions and time per variant (questions must stay <= half of the distinct proprietary sets)."""
     lines = ["## Costs", "", "| variant | routed general | FusionLog questions (new) | distinct proprietary "
-             "sets | llm_only questions (new) | seconds, all systems and seeds |", "|---" * 6 + "|"]
+             "sets | questions ≤ half | llm_only questions (new) | seconds, all systems and seeds |",
+             "|---" * 7 + "|"]
     for r in rows:
         f, lo = r["systems"].get("fusionlog"), r["systems"].get("llm_only")
+        asked = f and f["llm_calls"] + f["llm_cached"]
+        half = "-" if not f else "yes" if 2 * asked <= f["distinct_proprietary_sets"] else "**no**"
         lines.append(f"| {r['variant']} | {bench.fmt(f and f['general'])} | "
-                     + (f"{f['llm_calls'] + f['llm_cached']} ({f['llm_calls']})" if f else "-")
-                     + f" | {bench.fmt(f and f['distinct_proprietary_sets'])} | "
+                     + (f"{asked} ({f['llm_calls']})" if f else "-")
+                     + f" | {bench.fmt(f and f['distinct_proprietary_sets'])} | {half} | "
                      + (f"{lo['llm_calls'] + lo['llm_cached']} ({lo['llm_calls']})" if lo else "-")
                      + f" | {r['seconds']:.1f} |")
     return lines + [""]
