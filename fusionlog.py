@@ -575,17 +575,12 @@ def _open_text(path: str | os.PathLike) -> Iterable[str]:
 
 
 _LABEL_VALUES = {"normal": 0, "0": 0, "anomaly": 1, "anomalous": 1, "abnormal": 1, "1": 1}
-
-
-def _shown(value, n: int = 80) -> str:
-    """repr() of a value cut to one short line, for error messages."""
-    s = repr(value)
-    return s if len(s) <= n else s[: n - 3] + "..."
+clip = distill.clip  # repr() cut to one short line, for error messages
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
-    """A label file `Id,Label` (LogHub: Normal/Anomaly, or 0/1) with a header row -> {id: 0|1}.
-    An id listed twice with the same label is fine; with both labels it is an error."""
+    """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1}; an id may repeat
+    with the same label, not with both."""
     labels: dict[str, int] = {}
     with _open_text(path) as f:
         rows = csv.reader(f)
@@ -594,19 +589,17 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
             if header is None or len(header) < 2:
                 raise ValueError(f"{path}:1: expected a header row 'Id,Label'")
             if header[1].strip().lower() in _LABEL_VALUES:
-                raise ValueError(f"{path}:1: no header row (expected 'Id,Label', got {_shown(','.join(header))})")
-            for row in rows:
-                if not row:
-                    continue
+                raise ValueError(f"{path}:1: no header row (expected 'Id,Label', "
+                                 f"got {clip(','.join(header), 80)})")
+            for row in filter(None, rows):
+                at = f"{path}:{rows.line_num}"
                 if len(row) < 2:
-                    raise ValueError(f"{path}:{rows.line_num}: expected 'id,label', got {_shown(','.join(row))}")
-                sid, value = row[0].strip(), row[1].strip().lower()
-                if value not in _LABEL_VALUES:
-                    raise ValueError(f"{path}:{rows.line_num}: unknown label {_shown(row[1])} "
-                                     f"(use Normal/Anomaly or 0/1)")
-                if labels.get(sid, _LABEL_VALUES[value]) != _LABEL_VALUES[value]:
-                    raise ValueError(f"{path}:{rows.line_num}: id {_shown(sid)} is labeled both normal and anomalous")
-                labels[sid] = _LABEL_VALUES[value]
+                    raise ValueError(f"{at}: expected 'id,label', got {clip(','.join(row), 80)}")
+                sid, value = row[0].strip(), _LABEL_VALUES.get(row[1].strip().lower())
+                if value is None:
+                    raise ValueError(f"{at}: unknown label {clip(row[1], 80)} (use Normal/Anomaly or 0/1)")
+                if labels.setdefault(sid, value) != value:
+                    raise ValueError(f"{at}: id {clip(sid, 80)} is labeled both normal and anomalous")
         except csv.Error as e:  # a NUL byte, a field over the csv module's size limit, ...
             raise ValueError(f"{path}:{rows.line_num}: not a CSV label file ({e})") from None
     if not labels:
@@ -623,8 +616,8 @@ def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.P
     sessions.stats["label_ids_not_in_log"] = len(set(labels) - set(sessions.ids))
     if labels and len(sessions) and not (sessions.labels >= 0).any():
         raise ValueError(f"{source}: none of its {len(labels):,} ids is a session of {sessions.name} "
-                         f"(its ids look like {_shown(next(iter(labels)), 40)}, the sessions' like "
-                         f"{_shown(sessions.ids[0], 40)})")
+                         f"(its ids look like {clip(next(iter(labels)), 40)}, the sessions' like "
+                         f"{clip(sessions.ids[0], 40)})")
     return sessions
 
 
