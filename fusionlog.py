@@ -785,29 +785,34 @@ def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
             f"{m['recall']:.3f} F1 {m['f1']:.3f} (TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']})")
 
 
+def _client(args) -> distill.ChatClient | None:
+    if args.llm_url == "none":
+        return None
+    cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
+    client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
+                                response_format=args.response_format, cache=cache, logprobs=args.logprobs,
+                                timeout=args.llm_timeout, max_retries=args.llm_retries, backoff=args.llm_backoff)
+    client.check()  # fail fast, in one line, before reading anything
+    return client
+
+
+def _print_rounds(report: dict) -> None:
+    keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
+    for r in report["rounds"]:
+        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
+              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in keys}))
+    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
+    failed = sum(r.get("failed", 0) for r in report["rounds"])
+    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
+          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
+
+
 def cmd_run(args, progress) -> int:
-    config = FusionLogConfig()
-    if args.tau is not None:
-        config.tau = args.tau
+    config = FusionLogConfig(tau=args.tau)
     config.meta.seed = config.distill.seed = args.seed
-    if args.rounds is not None:
-        config.distill.rounds = args.rounds
-    if args.budget is not None:
-        config.distill.budget = args.budget
-    if args.concurrency is not None:
-        config.distill.concurrency = args.concurrency
-    if args.margin is not None:
-        config.distill.margin = args.margin
-    if args.budget_share is not None:
-        config.distill.budget_share = args.budget_share
-    client = None
-    if args.llm_url != "none":
-        cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
-        client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
-                                    response_format=args.response_format, cache=cache, logprobs=args.logprobs,
-                                    timeout=args.llm_timeout, max_retries=args.llm_retries,
-                                    backoff=args.llm_backoff)
-        client.check()  # fail fast, in one line, before reading anything
+    for knob in ("rounds", "budget", "concurrency", "margin", "budget_share"):
+        setattr(config.distill, knob, getattr(args, knob))
+    client = _client(args)
     sources = _load_systems(args, args.source, "--source", progress)
     (target,) = _load_systems(args, args.target, "--target", progress)
     model = FusionLog(config, client, progress)
@@ -818,14 +823,7 @@ def cmd_run(args, progress) -> int:
         model.save(args.model_out)
     print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
           f"{router.split_summary(pred.general)}")
-    for r in report["rounds"]:
-        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
-              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in
-              ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")}))
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
-    failed = sum(r.get("failed", 0) for r in report["rounds"])
-    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
-          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
+    _print_rounds(report)
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
     line = _metrics_line(target.labels, pred.labels)
@@ -887,12 +885,34 @@ def _add_system_flags(p: argparse.ArgumentParser) -> None:
                    help="inline label field (a session is anomalous if any line's value is not NORMAL, default '-')")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusionlog", description=HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
+    """The LLM client's flags on parser (or group) `p`, but those in `skip`; `changes` maps a flag's dest
+    to the add_argument keywords a caller sets otherwise (bench: its defaults and help)."""
+    flags = dict(
+        llm_url=dict(default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
+                     help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)"),
+        llm_model=dict(default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)"),
+        llm_key=dict(default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)"),
+        response_format=dict(default="json_object_schema", choices=["json_object_schema", "json_schema", "none"],
+                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: parse free text"),
+        logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
+                      help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
+                           "confidence than the one a small model states (0.9 on every answer); off because "
+                           "llama-cpp-python then takes ~3x longer per call; servers without them "
+                           "still work"),
+        llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
+        llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, HTTP "
+                                                   "429/5xx); then that question is left to the small model"),
+        llm_backoff=dict(type=float, default=1.0,
+                         help="first wait before a retry, doubled each time (a server's Retry-After wins)"),
+        cache=dict(default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
+                   help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again"))
+    for dest, kw in flags.items():
+        if dest not in skip:
+            p.add_argument("--" + dest.replace("_", "-"), **{**kw, **changes.get(dest, {})})
 
+
+def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="fit on sources + target and label the target",
                          description="Fit FusionLog on labeled source logs and an unlabeled target log, write "
                                      "one prediction per target session, save the distilled small model.",
@@ -903,42 +923,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the new, unlabeled system to label")
     _add_system_flags(run)
     run.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
-    run.add_argument("--model-out", default="fusionlog-model.npz", help="where to save the small model ('' = don't)")
+    run.add_argument("--model-out", default="fusionlog-model.npz",
+                     help="where to save the small model ('' = don't)")
     run.add_argument("--report", default=None, help="also write the run report as JSON here")
-    llm = run.add_argument_group("the LLM teacher (any OpenAI-compatible server)")
-    llm.add_argument("--llm-url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
-                     help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)")
-    llm.add_argument("--llm-model", default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)")
-    llm.add_argument("--llm-key", default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)")
-    llm.add_argument("--response-format", default="json_object_schema",
-                     choices=["json_object_schema", "json_schema", "none"],
-                     help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: parse free text")
-    llm.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=False,
-                     help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
-                          "confidence than the one a small model states (0.9 on every answer); off by default "
-                          "because llama-cpp-python then takes ~3x longer per call; servers without them still work")
-    llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds to wait for one answer")
-    llm.add_argument("--llm-retries", type=int, default=3,
-                     help="retries of a failed request (timeout, connection, HTTP 429/5xx); then that "
-                          "question is left to the small model")
-    llm.add_argument("--llm-backoff", type=float, default=1.0,
-                     help="first wait before a retry, doubled each time (a server's Retry-After wins)")
-    llm.add_argument("--cache", default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
-                     help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again")
-    alg = run.add_argument_group("the method")
-    alg.add_argument("--tau", type=float, default=None, help=f"router threshold (default {router.TAU})")
-    alg.add_argument("--rounds", type=int, default=None, help="max distillation rounds")
-    alg.add_argument("--budget", type=int, default=None, help="max LLM questions in this run")
-    alg.add_argument("--concurrency", type=int, default=None, help="LLM requests in flight")
-    alg.add_argument("--margin", type=float, default=None,
-                     help=f"the small model is sure of a set when its score is at least this far from 0.5; only "
-                          f"then may it pseudo-label a set the LLM was not asked about (default "
-                          f"{distill.DistillConfig.margin})")
-    alg.add_argument("--budget-share", type=float, default=None,
-                     help=f"ask the LLM about at most this share of the distinct proprietary template-sets, "
-                          f"least sure first (default {distill.DistillConfig.budget_share}; 1 = every set)")
+    add_llm_flags(run.add_argument_group("the LLM teacher (any OpenAI-compatible server)"))
+    alg, d = run.add_argument_group("the method"), distill.DistillConfig
+    alg.add_argument("--tau", type=float, default=router.TAU, help="router threshold")
+    alg.add_argument("--rounds", type=int, default=d.rounds, help="max distillation rounds")
+    alg.add_argument("--budget", type=int, default=d.budget, help="max LLM questions in this run")
+    alg.add_argument("--concurrency", type=int, default=d.concurrency, help="LLM requests in flight")
+    alg.add_argument("--margin", type=float, default=d.margin,
+                     help="the small model is sure of a set when its score is at least this far from 0.5; "
+                          "only then may it pseudo-label a set the LLM was not asked about")
+    alg.add_argument("--budget-share", type=float, default=d.budget_share,
+                     help="ask the LLM about at most this share of the distinct proprietary template-sets, "
+                          "least sure first (1 = every set)")
     alg.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
+
+def _predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",
                         description="Label the sessions of a log with a model saved by 'fusionlog run'.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -951,6 +954,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a session by id is complete once N lines have passed without one of its own (and at "
                          "the end of input); 0 = only at the end of input. Windows are complete when full")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusionlog", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _run_parser(sub)
+    _predict_parser(sub)
     sub.add_parser("presets", help="list the built-in log formats")
     return parser
 
