@@ -60,7 +60,8 @@ class FusionLogConfig:
         d = dict(d)
         meta = metamodel.MetaConfig.from_dict(d.pop("meta", {}))
         dist = d.pop("distill", {})
-        dist = distill.DistillConfig(**{f.name: dist[f.name] for f in fields(distill.DistillConfig) if f.name in dist})
+        dist = distill.DistillConfig(**{f.name: dist[f.name] for f in fields(distill.DistillConfig)
+                                        if f.name in dist})
         return cls(meta=meta, distill=dist, **{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -162,26 +163,30 @@ class FusionLog:
         for s, f in zip(sources, src):
             y = s.labels.astype(np.int64)
             if len(sources) == 1:  # one source: pseudo-domains whose templates differ
-                for idx in metamodel.pseudo_domains(f.template_vecs, s.sequences, y, self.config.pseudo_domains,
-                                                    self.config.meta.seed):
+                for idx in metamodel.pseudo_domains(f.template_vecs, s.sequences, y,
+                                                    self.config.pseudo_domains, self.config.meta.seed):
                     domains.append((f.X[idx], y[idx]))
             else:
                 domains.append((f.X, y))
         return metamodel.maml_train(domains, self.config.meta, progress=self.progress)
 
-    def distill_proprietary(self, params: dict, sources: list[Sessions], src: list[Features], target: Sessions,
-                            tgt: Features, index: np.ndarray) -> distill.DistillResult | None:
+    def distill_proprietary(self, params: dict, sources: list[Sessions], src: list[Features],
+                            target: Sessions, tgt: Features, index: np.ndarray
+                            ) -> distill.DistillResult | None:
         """Proprietary branch: one LLM question per distinct template-set of these sessions (Sec. 3.4)."""
         if self.client is None or not len(index):
             return None
         group, first, keys = group_by_template_set(target, index)
-        self.progress(f"distillation: {len(index)} proprietary sessions in {len(keys)} distinct template-sets")
+        self.progress(f"distillation: {len(index)} proprietary sessions in {len(keys)} "
+                      f"distinct template-sets")
         questions = [templates_with_counts(target.templates, target.sequences[i]) for i in first]
         pool = example_pool(sources, [f.session_vecs for f in src])
-        replay = (sp.vstack([f.X for f in src]).tocsr(), np.concatenate([s.labels.astype(np.int64) for s in sources]))
+        replay = (sp.vstack([f.X for f in src]).tocsr(),
+                  np.concatenate([s.labels.astype(np.int64) for s in sources]))
         meta = self.config.meta
-        result = distill.distill(params, tgt.X[index], group, questions, tgt.session_vecs[first], pool, replay,
-                                 self.client, self.config.distill, predict_proba=metamodel.predict_proba,
+        result = distill.distill(params, tgt.X[index], group, questions, tgt.session_vecs[first], pool,
+                                 replay, self.client, self.config.distill,
+                                 predict_proba=metamodel.predict_proba,
                                  fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta),
                                  progress=self.progress)
         self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
@@ -190,7 +195,7 @@ class FusionLog:
     @staticmethod
     def fuse_branches(general_params: dict, result: distill.DistillResult | None) -> dict:
         """The two branches' knowledge in one small model: the meta-learned weights (general knowledge),
-        fine-tuned by distillation on the proprietary sessions (proprietary knowledge), where there was any."""
+        fine-tuned by distillation on the proprietary sessions (proprietary knowledge), if there were any."""
         return general_params if result is None else result.params
 
     def predict(self, s: Sessions) -> Predictions:
