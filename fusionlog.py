@@ -297,11 +297,11 @@ class SystemSpec:
 # The LogHub systems (format strings from LogHub's parser benchmark; OpenStack as laid out in ../shared/data).
 PRESETS: dict[str, SystemSpec] = {
     "HDFS": SystemSpec("<Date> <Time> <Pid> <Level> <Component>: <Content>", session_regex=r"(blk_-?\d+)"),
-    "BGL": SystemSpec("<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>",
-                      window=20, label_field="Label"),
+    "BGL": SystemSpec("<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> "
+                      "<Content>", window=20, label_field="Label"),
     "OpenStack": SystemSpec("<Level> <Component> <Content>", session_regex=r"\[instance: ([0-9a-f-]{36})\]"),
-    "Thunderbird": SystemSpec(r"<Label> <Timestamp> <Date> <User> <Month> <Day> <Time> <Location> <Component>(\[<PID>\])?: <Content>",
-                              window=20, label_field="Label"),
+    "Thunderbird": SystemSpec(r"<Label> <Timestamp> <Date> <User> <Month> <Day> <Time> <Location> "
+                              r"<Component>(\[<PID>\])?: <Content>", window=20, label_field="Label"),
     "Hadoop": SystemSpec(r"<Date> <Time> <Level> \[<Process>\] <Component>: <Content>",
                          session_regex=r"(container_\d+_\d+_\d+_\d+)"),
     "Spark": SystemSpec("<Date> <Time> <Level> <Component>: <Content>", window=20),
@@ -553,8 +553,9 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
         reader = SessionReader(spec, name, idle)
         for lines in read_batches(path):
             done = reader.feed(lines)
-            if progress and reader.stats["lines"] // 200_000 > (reader.stats["lines"] - len(lines)) // 200_000:
-                progress(f"{path}: {reader.stats['lines']:,} lines read")
+            n = reader.stats["lines"]
+            if progress and n // 200_000 > (n - len(lines)) // 200_000:
+                progress(f"{path}: {n:,} lines read")
             if done:
                 yield reader.sessions(done)
         yield reader.sessions(reader.finish())
@@ -562,9 +563,9 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
         raise ValueError(f"{path}: {e}") from None
 
 
-def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "", progress: Callable | None = None) -> Sessions:
-    """Read a whole raw log into Sessions: parse each line with the format, mask its content into a
-    template, and add it to the session(s) its id regex names, or to fixed windows."""
+def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
+                progress: Callable | None = None) -> Sessions:
+    """A whole log as Sessions (see SessionReader)."""
     name = name or Path(path).stem
     batches = list(stream_sessions(path, spec, name, 0, progress))
     s = batches[-1]
@@ -612,10 +613,10 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     return labels
 
 
-def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.PathLike = "labels") -> Sessions:
-    """Set session labels from an id -> label map; sessions it does not name get -1 (unknown).
-    Label ids that name no session are counted (stats["label_ids_not_in_log"]); if not one id names a
-    session, the label file belongs to another log: an error naming `source` (the label file)."""
+def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.PathLike = "labels"
+                  ) -> Sessions:
+    """Session labels from an id -> label map (-1 = not in it); an error naming `source` if no id is a
+    session's (the label file of another log)."""
     sessions.labels = np.array([labels.get(s, -1) for s in sessions.ids], dtype=np.int8)
     sessions.stats["unlabeled_sessions"] = int((sessions.labels < 0).sum())
     sessions.stats["label_ids_not_in_log"] = len(set(labels) - set(sessions.ids))
@@ -703,8 +704,8 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
     for name, path in systems:
         base = PRESETS.get(name)
         if base is None and name not in formats:
-            raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format {name}=... "
-                             f"and --session {name}=REGEX or --window {name}=SIZE")
+            raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format "
+                             f"{name}=... and --session {name}=REGEX or --window {name}=SIZE")
         spec = SystemSpec(**asdict(base)) if base else SystemSpec(formats[name])
         if name in formats:
             spec.log_format = formats[name]
@@ -727,6 +728,12 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
     return specs
 
 
+_READ_NOTES = [("continuation", "continuation lines"), ("unmatched", "unmatched lines"),
+               ("replaced_chars", "undecodable bytes replaced"),
+               ("unlabeled_sessions", "sessions not in the label file"),
+               ("label_ids_not_in_log", "label ids not in the log")]
+
+
 def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]:
     systems = [(name, path) for name, path in _keyed(pairs, flag).items()]
     specs = _system_specs(args, systems)
@@ -736,13 +743,10 @@ def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]
         s = read_system(path, specs[name], name, progress)
         if name in label_files:
             attach_labels(s, read_labels(label_files[name]), label_files[name])
-        st = s.stats
-        progress(f"{name}: {st['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
-                 + (f", {st['continuation']:,} continuation lines" if st["continuation"] else "")
-                 + (f", {st['unmatched']:,} unmatched lines" if st["unmatched"] else "")
-                 + (f", {st['replaced_chars']:,} undecodable bytes replaced" if st["replaced_chars"] else "")
-                 + (f", {st['unlabeled_sessions']:,} sessions not in the label file" if st.get("unlabeled_sessions") else "")
-                 + (f", {st['label_ids_not_in_log']:,} label ids not in the log" if st.get("label_ids_not_in_log") else ""))
+        line = f"{name}: {s.stats['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
+        for key, text in _READ_NOTES:
+            line += f", {s.stats[key]:,} {text}" if s.stats.get(key) else ""
+        progress(line)
         out.append(s)
     return out
 
@@ -796,7 +800,8 @@ def _client(args) -> distill.ChatClient | None:
     cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
     client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
                                 response_format=args.response_format, cache=cache, logprobs=args.logprobs,
-                                timeout=args.llm_timeout, max_retries=args.llm_retries, backoff=args.llm_backoff)
+                                timeout=args.llm_timeout, max_retries=args.llm_retries,
+                                backoff=args.llm_backoff)
     client.check()  # fail fast, in one line, before reading anything
     return client
 
@@ -866,12 +871,22 @@ def cmd_predict(args, progress) -> int:
     finally:
         out.close()
     c = out.counts
-    say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(np.repeat([True, False], [c['general'], c['sessions'] - c['general']]))}")
+    general = np.repeat([True, False], [c["general"], c["sessions"] - c["general"]])
+    say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(general)}")
     say(f"predicted anomalous: {c['flagged']:,} of {c['sessions']:,} sessions -> {args.out}")
     if y_true:
         line = _metrics_line(np.concatenate(y_true), np.concatenate(y_pred))
         if line:
             say(line)
+    return 0
+
+
+def cmd_presets() -> int:
+    for name, spec in PRESETS.items():
+        grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
+        label = (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)"
+                 if spec.label_field else "")
+        print(f"{name:12} {spec.log_format}\n{'':12} {grouping}{label}")
     return 0
 
 
@@ -887,7 +902,8 @@ def _add_system_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", action="append", metavar="NAME=SIZE[,STEP]",
                    help="group records into fixed windows instead of ids")
     g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]",
-                   help="inline label field (a session is anomalous if any line's value is not NORMAL, default '-')")
+                   help="inline label field (a session is anomalous if any line's value is not NORMAL, "
+                        "default '-')")
 
 
 def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
@@ -898,8 +914,9 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
                      help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)"),
         llm_model=dict(default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)"),
         llm_key=dict(default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)"),
-        response_format=dict(default="json_object_schema", choices=["json_object_schema", "json_schema", "none"],
-                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: parse free text"),
+        response_format=dict(default="json_object_schema", choices=list(distill.RESPONSE_FORMATS),
+                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; "
+                                  "none: parse free text"),
         logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
                       help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
                            "confidence than the one a small model states (0.9 on every answer); off because "
@@ -919,8 +936,9 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
 
 def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="fit on sources + target and label the target",
-                         description="Fit FusionLog on labeled source logs and an unlabeled target log, write "
-                                     "one prediction per target session, save the distilled small model.",
+                         description="Fit FusionLog on labeled source logs and an unlabeled target log, "
+                                     "write one prediction per target session, save the distilled small "
+                                     "model.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
                      help="a labeled source system (repeat for several)")
@@ -954,10 +972,11 @@ def _predict_parser(sub) -> None:
     pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
                     help="the log to label: a file, a .gz file, or '-' for standard input")
     _add_system_flags(pr)
-    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl; '-' = stdout)")
+    pr.add_argument("--out", default="predictions.csv",
+                    help="predictions file (.csv or .jsonl; '-' = stdout)")
     pr.add_argument("--idle", type=int, default=100_000, metavar="N",
-                    help="a session by id is complete once N lines have passed without one of its own (and at "
-                         "the end of input); 0 = only at the end of input. Windows are complete when full")
+                    help="a session by id is complete once N lines have passed without one of its own (and "
+                         "at the end of input); 0 = only at the end of input. Windows are complete when full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -983,22 +1002,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             return cmd_predict(args, progress)
         if args.command == "presets":
-            for name, spec in PRESETS.items():
-                grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
-                print(f"{name:12} {spec.log_format}\n{'':12} {grouping}"
-                      + (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)" if spec.label_field else ""))
-            return 0
+            return cmd_presets()
         parser.print_help()
         return 2
     except distill.LLMUnavailable as e:  # no LLM there: say where to get one, in the same single line
-        print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point --llm-url "
-              f"(or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none", file=sys.stderr)
+        print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point "
+              f"--llm-url (or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none",
+              file=sys.stderr)
         return 2
     except ValueError as e:  # bad input: one line naming the file (and line), no traceback
         print(f"fusionlog: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an output that cannot be written (a directory, no permission, disk full, ...)
-        print(f"fusionlog: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"fusionlog: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fusionlog: interrupted (answers so far are in the cache)", file=sys.stderr)
