@@ -9,8 +9,7 @@ Detection via Fusion of General and Proprietary Knowledge", arXiv 2511.05878, Fi
       distill.py    LLM <-> small model collaborative distillation (proprietary knowledge)   (Sec. 3.4)
     ──▶ one small model that labels every target session, no LLM at prediction time.
 
-It also holds the plumbing the algorithm modules stay free of: LogHub-style log reading and session
-grouping, label files, metrics, model files and the `fusionlog` CLI.
+Below the method: the plumbing (log reading and sessions, label files, metrics, the `fusionlog` CLI).
 
 Departures from the paper (see README for the full list):
 - The final labels of *all* target sessions (general and proprietary) come from the one distilled small
@@ -331,9 +330,8 @@ class Sessions:
 
 
 def compile_format(log_format: str) -> re.Pattern:
-    """Turn a LogHub format string into a regex with one named group per <Field>. LogHub's rule: literal
-    text between fields is regex, runs of spaces match any whitespace, a field is the shortest text that
-    lets the line match (`.*?`); a field that ends the line takes the rest of it (`.*`)."""
+    """A LogHub format string as a regex, one named group per <Field>: literal text is regex, spaces match
+    any whitespace, a field is the shortest text that matches (`.*?`), the last one takes the rest."""
     parts = re.split(r"(<[^<>]+>)", log_format)  # literal, <field>, literal, <field>, ..., literal
     names, pattern = [], ""
     for i, part in enumerate(parts):
@@ -370,9 +368,8 @@ class _Numbering(dict):
 
 
 class SessionReader:
-    """Turns a log's lines into sessions, one line at a time, and hands each session out once it is
-    complete: a window when it is full; a session by id at the end of input, or, with `idle`, once that
-    many lines have passed without one of its own. Memory holds the open sessions only."""
+    """A log's lines into sessions, handing each out once complete: a window when full, a session by id at
+    the end of input or, with `idle`, that many lines after its last. Memory holds the open ones only."""
 
     def __init__(self, spec: SystemSpec, name: str, idle: int = 0):
         self.spec, self.name, self.idle = spec, name, idle
@@ -496,9 +493,8 @@ class SessionReader:
 
 
 def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """A log's lines in batches, as they can be read: from a file, a gzip file (told by its first bytes),
-    or standard input ('-'). Each batch is what one read returned (whole lines, at most ~max_bytes), so
-    the lines of a pipe come through as soon as they arrive. Bad bytes decode as U+FFFD."""
+    """A log's lines (file, gzip file or '-' = stdin) in batches of what one read returned (whole lines,
+    ~max_bytes), so a pipe's lines come through as they arrive. Bad bytes decode as U+FFFD."""
     f = _open_binary(path)
     try:
         rest, first = b"", True
@@ -509,8 +505,7 @@ def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
             if not data:
                 break
-            head, sep, tail = (rest + data).rpartition(b"\n")
-            rest = tail
+            head, sep, rest = (rest + data).rpartition(b"\n")
             if sep:
                 text = head.decode("utf-8", errors="replace")
                 if first:
@@ -524,8 +519,7 @@ def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[
 
 
 def _open_binary(path: str | os.PathLike):
-    """A binary stream of the log: standard input for '-', a gzip stream for a gzip file; clear errors
-    for what is not a readable file."""
+    """The log as a binary stream (stdin for '-', gzip told by its first bytes), or a clear error."""
     if str(path) == "-":
         return sys.stdin.buffer
     p = Path(path)
@@ -541,9 +535,7 @@ def _open_binary(path: str | os.PathLike):
         f = open(p, "rb")
     except OSError as e:  # permissions and the like
         raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
-    if f.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f)
-    return f
+    return gzip.GzipFile(fileobj=f) if f.peek(2)[:2] == b"\x1f\x8b" else f
 
 
 def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: int = 0,
@@ -772,18 +764,12 @@ class PredictionWriter:
         self.counts["flagged"] += int(pred.labels.sum())
         self.counts["general"] += int(pred.general.sum())
 
-    def close(self) -> None:
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.f is not sys.stdout:
             self.f.close()
-
-
-def write_predictions(pred: Predictions, path: str) -> None:
-    """All rows of `pred` to `path` (see PredictionWriter)."""
-    w = PredictionWriter(path)
-    try:
-        w.write(pred)
-    finally:
-        w.close()
 
 
 def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
@@ -828,7 +814,8 @@ def cmd_run(args, progress) -> int:
     model = FusionLog(config, client, progress)
     report = model.fit(sources, target)
     pred = model.predict(target)
-    write_predictions(pred, args.out)
+    with PredictionWriter(args.out) as out:
+        out.write(pred)
     if args.model_out:
         model.save(args.model_out)
     print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
@@ -857,9 +844,9 @@ def cmd_predict(args, progress) -> int:
     spec = _system_specs(args, [(name, path)])[name]
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
-    out, say = PredictionWriter(args.out), (print if args.out != "-" else lambda m: print(m, file=sys.stderr))
+    say = print if args.out != "-" else lambda m: print(m, file=sys.stderr)
     y_true, y_pred = [], []  # (one byte a session: kept only when there are labels to score against)
-    try:
+    with PredictionWriter(args.out) as out:
         for batch in stream_sessions(path, spec, name, args.idle, progress):
             if labels is not None:
                 batch.labels = np.array([labels.get(sid, -1) for sid in batch.ids], dtype=np.int8)
@@ -868,8 +855,6 @@ def cmd_predict(args, progress) -> int:
             if batch.labels is not None:
                 y_true.append(batch.labels)
                 y_pred.append(pred.labels)
-    finally:
-        out.close()
     c = out.counts
     general = np.repeat([True, False], [c["general"], c["sessions"] - c["general"]])
     say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(general)}")
