@@ -317,7 +317,7 @@ class Answer:
     cached: bool = False              # served by the AnswerCache, no HTTP request made
 
 
-def _clip(value, n: int = 60) -> str:
+def clip(value, n: int = 60) -> str:
     """repr() of a value cut to one short line, for error messages."""
     s = repr(value)
     return s if len(s) <= n else s[: n - 3] + "..."
@@ -327,7 +327,7 @@ def parse_answer(text: str) -> Answer:
     """The JSON object with a "label" in `text` (prose and fences around it ignored), checked against SCHEMA;
     several such objects with different labels (an echo of the log text, say) are refused, not guessed."""
     if not isinstance(text, str):
-        raise BadAnswer(f"answer content is not text: {_clip(text)}")
+        raise BadAnswer(f"answer content is not text: {clip(text)}")
     found, end = [], 0
     for m in re.finditer(r"\{", text[:20_000]):  # each '{' outside the objects already read
         if m.start() < end:
@@ -339,14 +339,14 @@ def parse_answer(text: str) -> Answer:
         if isinstance(obj, dict) and "label" in obj:
             found.append(obj)
     if not found:
-        raise BadAnswer(f"no JSON object with a label in answer {_clip(text)}")
+        raise BadAnswer(f"no JSON object with a label in answer {clip(text)}")
     if len({str(o["label"]).strip().lower() for o in found}) > 1:
-        raise BadAnswer(f"answer holds {len(found)} JSON objects with different labels: {_clip(text)}")
+        raise BadAnswer(f"answer holds {len(found)} JSON objects with different labels: {clip(text)}")
     label, conf, reason = found[0].get("label"), found[0].get("confidence"), found[0].get("reason", "")
     if not isinstance(label, str) or label.strip().lower() not in LABEL_NAMES:
-        raise BadAnswer(f"label must be 'normal' or 'anomalous', got {_clip(label)}")
+        raise BadAnswer(f"label must be 'normal' or 'anomalous', got {clip(label)}")
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not (0.0 <= conf <= 1.0):
-        raise BadAnswer(f"confidence must be a number in [0, 1], got {_clip(conf)}")  # NaN fails too
+        raise BadAnswer(f"confidence must be a number in [0, 1], got {clip(conf)}")  # NaN fails too
     reason = reason[:300] if isinstance(reason, str) else ""
     return Answer(LABEL_NAMES.index(label.strip().lower()), float(conf), reason)
 

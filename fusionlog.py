@@ -9,8 +9,7 @@ Detection via Fusion of General and Proprietary Knowledge", arXiv 2511.05878, Fi
       distill.py    LLM <-> small model collaborative distillation (proprietary knowledge)   (Sec. 3.4)
     ──▶ one small model that labels every target session, no LLM at prediction time.
 
-It also holds the plumbing the algorithm modules stay free of: LogHub-style log reading and session
-grouping, label files, metrics, model files and the `fusionlog` CLI.
+Below the method: the plumbing (log reading and sessions, label files, metrics, the `fusionlog` CLI).
 
 Departures from the paper (see README for the full list):
 - The final labels of *all* target sessions (general and proprietary) come from the one distilled small
@@ -60,7 +59,8 @@ class FusionLogConfig:
         d = dict(d)
         meta = metamodel.MetaConfig.from_dict(d.pop("meta", {}))
         dist = d.pop("distill", {})
-        dist = distill.DistillConfig(**{f.name: dist[f.name] for f in fields(distill.DistillConfig) if f.name in dist})
+        dist = distill.DistillConfig(**{f.name: dist[f.name] for f in fields(distill.DistillConfig)
+                                        if f.name in dist})
         return cls(meta=meta, distill=dist, **{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -162,26 +162,30 @@ class FusionLog:
         for s, f in zip(sources, src):
             y = s.labels.astype(np.int64)
             if len(sources) == 1:  # one source: pseudo-domains whose templates differ
-                for idx in metamodel.pseudo_domains(f.template_vecs, s.sequences, y, self.config.pseudo_domains,
-                                                    self.config.meta.seed):
+                for idx in metamodel.pseudo_domains(f.template_vecs, s.sequences, y,
+                                                    self.config.pseudo_domains, self.config.meta.seed):
                     domains.append((f.X[idx], y[idx]))
             else:
                 domains.append((f.X, y))
         return metamodel.maml_train(domains, self.config.meta, progress=self.progress)
 
-    def distill_proprietary(self, params: dict, sources: list[Sessions], src: list[Features], target: Sessions,
-                            tgt: Features, index: np.ndarray) -> distill.DistillResult | None:
+    def distill_proprietary(self, params: dict, sources: list[Sessions], src: list[Features],
+                            target: Sessions, tgt: Features, index: np.ndarray
+                            ) -> distill.DistillResult | None:
         """Proprietary branch: one LLM question per distinct template-set of these sessions (Sec. 3.4)."""
         if self.client is None or not len(index):
             return None
         group, first, keys = group_by_template_set(target, index)
-        self.progress(f"distillation: {len(index)} proprietary sessions in {len(keys)} distinct template-sets")
+        self.progress(f"distillation: {len(index)} proprietary sessions in {len(keys)} "
+                      f"distinct template-sets")
         questions = [templates_with_counts(target.templates, target.sequences[i]) for i in first]
         pool = example_pool(sources, [f.session_vecs for f in src])
-        replay = (sp.vstack([f.X for f in src]).tocsr(), np.concatenate([s.labels.astype(np.int64) for s in sources]))
+        replay = (sp.vstack([f.X for f in src]).tocsr(),
+                  np.concatenate([s.labels.astype(np.int64) for s in sources]))
         meta = self.config.meta
-        result = distill.distill(params, tgt.X[index], group, questions, tgt.session_vecs[first], pool, replay,
-                                 self.client, self.config.distill, predict_proba=metamodel.predict_proba,
+        result = distill.distill(params, tgt.X[index], group, questions, tgt.session_vecs[first], pool,
+                                 replay, self.client, self.config.distill,
+                                 predict_proba=metamodel.predict_proba,
                                  fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta),
                                  progress=self.progress)
         self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
@@ -190,7 +194,7 @@ class FusionLog:
     @staticmethod
     def fuse_branches(general_params: dict, result: distill.DistillResult | None) -> dict:
         """The two branches' knowledge in one small model: the meta-learned weights (general knowledge),
-        fine-tuned by distillation on the proprietary sessions (proprietary knowledge), where there was any."""
+        fine-tuned by distillation on the proprietary sessions (proprietary knowledge), if there were any."""
         return general_params if result is None else result.params
 
     def predict(self, s: Sessions) -> Predictions:
@@ -292,11 +296,11 @@ class SystemSpec:
 # The LogHub systems (format strings from LogHub's parser benchmark; OpenStack as laid out in ../shared/data).
 PRESETS: dict[str, SystemSpec] = {
     "HDFS": SystemSpec("<Date> <Time> <Pid> <Level> <Component>: <Content>", session_regex=r"(blk_-?\d+)"),
-    "BGL": SystemSpec("<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>",
-                      window=20, label_field="Label"),
+    "BGL": SystemSpec("<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> "
+                      "<Content>", window=20, label_field="Label"),
     "OpenStack": SystemSpec("<Level> <Component> <Content>", session_regex=r"\[instance: ([0-9a-f-]{36})\]"),
-    "Thunderbird": SystemSpec(r"<Label> <Timestamp> <Date> <User> <Month> <Day> <Time> <Location> <Component>(\[<PID>\])?: <Content>",
-                              window=20, label_field="Label"),
+    "Thunderbird": SystemSpec(r"<Label> <Timestamp> <Date> <User> <Month> <Day> <Time> <Location> "
+                              r"<Component>(\[<PID>\])?: <Content>", window=20, label_field="Label"),
     "Hadoop": SystemSpec(r"<Date> <Time> <Level> \[<Process>\] <Component>: <Content>",
                          session_regex=r"(container_\d+_\d+_\d+_\d+)"),
     "Spark": SystemSpec("<Date> <Time> <Level> <Component>: <Content>", window=20),
@@ -326,9 +330,8 @@ class Sessions:
 
 
 def compile_format(log_format: str) -> re.Pattern:
-    """Turn a LogHub format string into a regex with one named group per <Field>. LogHub's rule: literal
-    text between fields is regex, runs of spaces match any whitespace, a field is the shortest text that
-    lets the line match (`.*?`); a field that ends the line takes the rest of it (`.*`)."""
+    """A LogHub format string as a regex, one named group per <Field>: literal text is regex, spaces match
+    any whitespace, a field is the shortest text that matches (`.*?`), the last one takes the rest."""
     parts = re.split(r"(<[^<>]+>)", log_format)  # literal, <field>, literal, <field>, ..., literal
     names, pattern = [], ""
     for i, part in enumerate(parts):
@@ -365,9 +368,8 @@ class _Numbering(dict):
 
 
 class SessionReader:
-    """Turns a log's lines into sessions, one line at a time, and hands each session out once it is
-    complete: a window when it is full; a session by id at the end of input, or, with `idle`, once that
-    many lines have passed without one of its own. Memory holds the open sessions only."""
+    """A log's lines into sessions, handing each out once complete: a window when full, a session by id at
+    the end of input or, with `idle`, that many lines after its last. Memory holds the open ones only."""
 
     def __init__(self, spec: SystemSpec, name: str, idle: int = 0):
         self.spec, self.name, self.idle = spec, name, idle
@@ -491,9 +493,8 @@ class SessionReader:
 
 
 def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """A log's lines in batches, as they can be read: from a file, a gzip file (told by its first bytes),
-    or standard input ('-'). Each batch is what one read returned (whole lines, at most ~max_bytes), so
-    the lines of a pipe come through as soon as they arrive. Bad bytes decode as U+FFFD."""
+    """A log's lines (file, gzip file or '-' = stdin) in batches of what one read returned (whole lines,
+    ~max_bytes), so a pipe's lines come through as they arrive. Bad bytes decode as U+FFFD."""
     f = _open_binary(path)
     try:
         rest, first = b"", True
@@ -504,8 +505,7 @@ def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
             if not data:
                 break
-            head, sep, tail = (rest + data).rpartition(b"\n")
-            rest = tail
+            head, sep, rest = (rest + data).rpartition(b"\n")
             if sep:
                 text = head.decode("utf-8", errors="replace")
                 if first:
@@ -519,8 +519,7 @@ def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[
 
 
 def _open_binary(path: str | os.PathLike):
-    """A binary stream of the log: standard input for '-', a gzip stream for a gzip file; clear errors
-    for what is not a readable file."""
+    """The log as a binary stream (stdin for '-', gzip told by its first bytes), or a clear error."""
     if str(path) == "-":
         return sys.stdin.buffer
     p = Path(path)
@@ -536,9 +535,7 @@ def _open_binary(path: str | os.PathLike):
         f = open(p, "rb")
     except OSError as e:  # permissions and the like
         raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
-    if f.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f)
-    return f
+    return gzip.GzipFile(fileobj=f) if f.peek(2)[:2] == b"\x1f\x8b" else f
 
 
 def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: int = 0,
@@ -548,8 +545,9 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
         reader = SessionReader(spec, name, idle)
         for lines in read_batches(path):
             done = reader.feed(lines)
-            if progress and reader.stats["lines"] // 200_000 > (reader.stats["lines"] - len(lines)) // 200_000:
-                progress(f"{path}: {reader.stats['lines']:,} lines read")
+            n = reader.stats["lines"]
+            if progress and n // 200_000 > (n - len(lines)) // 200_000:
+                progress(f"{path}: {n:,} lines read")
             if done:
                 yield reader.sessions(done)
         yield reader.sessions(reader.finish())
@@ -557,9 +555,9 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
         raise ValueError(f"{path}: {e}") from None
 
 
-def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "", progress: Callable | None = None) -> Sessions:
-    """Read a whole raw log into Sessions: parse each line with the format, mask its content into a
-    template, and add it to the session(s) its id regex names, or to fixed windows."""
+def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
+                progress: Callable | None = None) -> Sessions:
+    """A whole log as Sessions (see SessionReader)."""
     name = name or Path(path).stem
     batches = list(stream_sessions(path, spec, name, 0, progress))
     s = batches[-1]
@@ -575,17 +573,12 @@ def _open_text(path: str | os.PathLike) -> Iterable[str]:
 
 
 _LABEL_VALUES = {"normal": 0, "0": 0, "anomaly": 1, "anomalous": 1, "abnormal": 1, "1": 1}
-
-
-def _shown(value, n: int = 80) -> str:
-    """repr() of a value cut to one short line, for error messages."""
-    s = repr(value)
-    return s if len(s) <= n else s[: n - 3] + "..."
+clip = distill.clip  # repr() cut to one short line, for error messages
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
-    """A label file `Id,Label` (LogHub: Normal/Anomaly, or 0/1) with a header row -> {id: 0|1}.
-    An id listed twice with the same label is fine; with both labels it is an error."""
+    """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1}; an id may repeat
+    with the same label, not with both."""
     labels: dict[str, int] = {}
     with _open_text(path) as f:
         rows = csv.reader(f)
@@ -594,19 +587,17 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
             if header is None or len(header) < 2:
                 raise ValueError(f"{path}:1: expected a header row 'Id,Label'")
             if header[1].strip().lower() in _LABEL_VALUES:
-                raise ValueError(f"{path}:1: no header row (expected 'Id,Label', got {_shown(','.join(header))})")
-            for row in rows:
-                if not row:
-                    continue
+                raise ValueError(f"{path}:1: no header row (expected 'Id,Label', "
+                                 f"got {clip(','.join(header), 80)})")
+            for row in filter(None, rows):
+                at = f"{path}:{rows.line_num}"
                 if len(row) < 2:
-                    raise ValueError(f"{path}:{rows.line_num}: expected 'id,label', got {_shown(','.join(row))}")
-                sid, value = row[0].strip(), row[1].strip().lower()
-                if value not in _LABEL_VALUES:
-                    raise ValueError(f"{path}:{rows.line_num}: unknown label {_shown(row[1])} "
-                                     f"(use Normal/Anomaly or 0/1)")
-                if labels.get(sid, _LABEL_VALUES[value]) != _LABEL_VALUES[value]:
-                    raise ValueError(f"{path}:{rows.line_num}: id {_shown(sid)} is labeled both normal and anomalous")
-                labels[sid] = _LABEL_VALUES[value]
+                    raise ValueError(f"{at}: expected 'id,label', got {clip(','.join(row), 80)}")
+                sid, value = row[0].strip(), _LABEL_VALUES.get(row[1].strip().lower())
+                if value is None:
+                    raise ValueError(f"{at}: unknown label {clip(row[1], 80)} (use Normal/Anomaly or 0/1)")
+                if labels.setdefault(sid, value) != value:
+                    raise ValueError(f"{at}: id {clip(sid, 80)} is labeled both normal and anomalous")
         except csv.Error as e:  # a NUL byte, a field over the csv module's size limit, ...
             raise ValueError(f"{path}:{rows.line_num}: not a CSV label file ({e})") from None
     if not labels:
@@ -614,17 +605,17 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     return labels
 
 
-def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.PathLike = "labels") -> Sessions:
-    """Set session labels from an id -> label map; sessions it does not name get -1 (unknown).
-    Label ids that name no session are counted (stats["label_ids_not_in_log"]); if not one id names a
-    session, the label file belongs to another log: an error naming `source` (the label file)."""
+def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.PathLike = "labels"
+                  ) -> Sessions:
+    """Session labels from an id -> label map (-1 = not in it); an error naming `source` if no id is a
+    session's (the label file of another log)."""
     sessions.labels = np.array([labels.get(s, -1) for s in sessions.ids], dtype=np.int8)
     sessions.stats["unlabeled_sessions"] = int((sessions.labels < 0).sum())
     sessions.stats["label_ids_not_in_log"] = len(set(labels) - set(sessions.ids))
     if labels and len(sessions) and not (sessions.labels >= 0).any():
         raise ValueError(f"{source}: none of its {len(labels):,} ids is a session of {sessions.name} "
-                         f"(its ids look like {_shown(next(iter(labels)), 40)}, the sessions' like "
-                         f"{_shown(sessions.ids[0], 40)})")
+                         f"(its ids look like {clip(next(iter(labels)), 40)}, the sessions' like "
+                         f"{clip(sessions.ids[0], 40)})")
     return sessions
 
 
@@ -705,8 +696,8 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
     for name, path in systems:
         base = PRESETS.get(name)
         if base is None and name not in formats:
-            raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format {name}=... "
-                             f"and --session {name}=REGEX or --window {name}=SIZE")
+            raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format "
+                             f"{name}=... and --session {name}=REGEX or --window {name}=SIZE")
         spec = SystemSpec(**asdict(base)) if base else SystemSpec(formats[name])
         if name in formats:
             spec.log_format = formats[name]
@@ -729,6 +720,12 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
     return specs
 
 
+_READ_NOTES = [("continuation", "continuation lines"), ("unmatched", "unmatched lines"),
+               ("replaced_chars", "undecodable bytes replaced"),
+               ("unlabeled_sessions", "sessions not in the label file"),
+               ("label_ids_not_in_log", "label ids not in the log")]
+
+
 def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]:
     systems = [(name, path) for name, path in _keyed(pairs, flag).items()]
     specs = _system_specs(args, systems)
@@ -738,13 +735,10 @@ def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]
         s = read_system(path, specs[name], name, progress)
         if name in label_files:
             attach_labels(s, read_labels(label_files[name]), label_files[name])
-        st = s.stats
-        progress(f"{name}: {st['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
-                 + (f", {st['continuation']:,} continuation lines" if st["continuation"] else "")
-                 + (f", {st['unmatched']:,} unmatched lines" if st["unmatched"] else "")
-                 + (f", {st['replaced_chars']:,} undecodable bytes replaced" if st["replaced_chars"] else "")
-                 + (f", {st['unlabeled_sessions']:,} sessions not in the label file" if st.get("unlabeled_sessions") else "")
-                 + (f", {st['label_ids_not_in_log']:,} label ids not in the log" if st.get("label_ids_not_in_log") else ""))
+        line = f"{name}: {s.stats['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
+        for key, text in _READ_NOTES:
+            line += f", {s.stats[key]:,} {text}" if s.stats.get(key) else ""
+        progress(line)
         out.append(s)
     return out
 
@@ -770,18 +764,12 @@ class PredictionWriter:
         self.counts["flagged"] += int(pred.labels.sum())
         self.counts["general"] += int(pred.general.sum())
 
-    def close(self) -> None:
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.f is not sys.stdout:
             self.f.close()
-
-
-def write_predictions(pred: Predictions, path: str) -> None:
-    """All rows of `pred` to `path` (see PredictionWriter)."""
-    w = PredictionWriter(path)
-    try:
-        w.write(pred)
-    finally:
-        w.close()
 
 
 def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
@@ -792,47 +780,47 @@ def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
             f"{m['recall']:.3f} F1 {m['f1']:.3f} (TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']})")
 
 
+def _client(args) -> distill.ChatClient | None:
+    if args.llm_url == "none":
+        return None
+    cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
+    client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
+                                response_format=args.response_format, cache=cache, logprobs=args.logprobs,
+                                timeout=args.llm_timeout, max_retries=args.llm_retries,
+                                backoff=args.llm_backoff)
+    client.check()  # fail fast, in one line, before reading anything
+    return client
+
+
+def _print_rounds(report: dict) -> None:
+    keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
+    for r in report["rounds"]:
+        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
+              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in keys}))
+    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
+    failed = sum(r.get("failed", 0) for r in report["rounds"])
+    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
+          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
+
+
 def cmd_run(args, progress) -> int:
-    config = FusionLogConfig()
-    if args.tau is not None:
-        config.tau = args.tau
+    config = FusionLogConfig(tau=args.tau)
     config.meta.seed = config.distill.seed = args.seed
-    if args.rounds is not None:
-        config.distill.rounds = args.rounds
-    if args.budget is not None:
-        config.distill.budget = args.budget
-    if args.concurrency is not None:
-        config.distill.concurrency = args.concurrency
-    if args.margin is not None:
-        config.distill.margin = args.margin
-    if args.budget_share is not None:
-        config.distill.budget_share = args.budget_share
-    client = None
-    if args.llm_url != "none":
-        cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
-        client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
-                                    response_format=args.response_format, cache=cache, logprobs=args.logprobs,
-                                    timeout=args.llm_timeout, max_retries=args.llm_retries,
-                                    backoff=args.llm_backoff)
-        client.check()  # fail fast, in one line, before reading anything
+    for knob in ("rounds", "budget", "concurrency", "margin", "budget_share"):
+        setattr(config.distill, knob, getattr(args, knob))
+    client = _client(args)
     sources = _load_systems(args, args.source, "--source", progress)
     (target,) = _load_systems(args, args.target, "--target", progress)
     model = FusionLog(config, client, progress)
     report = model.fit(sources, target)
     pred = model.predict(target)
-    write_predictions(pred, args.out)
+    with PredictionWriter(args.out) as out:
+        out.write(pred)
     if args.model_out:
         model.save(args.model_out)
     print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
           f"{router.split_summary(pred.general)}")
-    for r in report["rounds"]:
-        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
-              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in
-              ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")}))
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
-    failed = sum(r.get("failed", 0) for r in report["rounds"])
-    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
-          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
+    _print_rounds(report)
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
     line = _metrics_line(target.labels, pred.labels)
@@ -856,9 +844,9 @@ def cmd_predict(args, progress) -> int:
     spec = _system_specs(args, [(name, path)])[name]
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
-    out, say = PredictionWriter(args.out), (print if args.out != "-" else lambda m: print(m, file=sys.stderr))
+    say = print if args.out != "-" else lambda m: print(m, file=sys.stderr)
     y_true, y_pred = [], []  # (one byte a session: kept only when there are labels to score against)
-    try:
+    with PredictionWriter(args.out) as out:
         for batch in stream_sessions(path, spec, name, args.idle, progress):
             if labels is not None:
                 batch.labels = np.array([labels.get(sid, -1) for sid in batch.ids], dtype=np.int8)
@@ -867,15 +855,23 @@ def cmd_predict(args, progress) -> int:
             if batch.labels is not None:
                 y_true.append(batch.labels)
                 y_pred.append(pred.labels)
-    finally:
-        out.close()
     c = out.counts
-    say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(np.repeat([True, False], [c['general'], c['sessions'] - c['general']]))}")
+    general = np.repeat([True, False], [c["general"], c["sessions"] - c["general"]])
+    say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(general)}")
     say(f"predicted anomalous: {c['flagged']:,} of {c['sessions']:,} sessions -> {args.out}")
     if y_true:
         line = _metrics_line(np.concatenate(y_true), np.concatenate(y_pred))
         if line:
             say(line)
+    return 0
+
+
+def cmd_presets() -> int:
+    for name, spec in PRESETS.items():
+        grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
+        label = (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)"
+                 if spec.label_field else "")
+        print(f"{name:12} {spec.log_format}\n{'':12} {grouping}{label}")
     return 0
 
 
@@ -891,18 +887,43 @@ def _add_system_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", action="append", metavar="NAME=SIZE[,STEP]",
                    help="group records into fixed windows instead of ids")
     g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]",
-                   help="inline label field (a session is anomalous if any line's value is not NORMAL, default '-')")
+                   help="inline label field (a session is anomalous if any line's value is not NORMAL, "
+                        "default '-')")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusionlog", description=HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
+    """The LLM client's flags on parser (or group) `p`, but those in `skip`; `changes` maps a flag's dest
+    to the add_argument keywords a caller sets otherwise (bench: its defaults and help)."""
+    flags = dict(
+        llm_url=dict(default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
+                     help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)"),
+        llm_model=dict(default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)"),
+        llm_key=dict(default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)"),
+        response_format=dict(default="json_object_schema", choices=list(distill.RESPONSE_FORMATS),
+                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; "
+                                  "none: parse free text"),
+        logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
+                      help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
+                           "confidence than the one a small model states (0.9 on every answer); off because "
+                           "llama-cpp-python then takes ~3x longer per call; servers without them "
+                           "still work"),
+        llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
+        llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, HTTP "
+                                                   "429/5xx); then that question is left to the small model"),
+        llm_backoff=dict(type=float, default=1.0,
+                         help="first wait before a retry, doubled each time (a server's Retry-After wins)"),
+        cache=dict(default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
+                   help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again"))
+    for dest, kw in flags.items():
+        if dest not in skip:
+            p.add_argument("--" + dest.replace("_", "-"), **{**kw, **changes.get(dest, {})})
 
+
+def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="fit on sources + target and label the target",
-                         description="Fit FusionLog on labeled source logs and an unlabeled target log, write "
-                                     "one prediction per target session, save the distilled small model.",
+                         description="Fit FusionLog on labeled source logs and an unlabeled target log, "
+                                     "write one prediction per target session, save the distilled small "
+                                     "model.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
                      help="a labeled source system (repeat for several)")
@@ -910,42 +931,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the new, unlabeled system to label")
     _add_system_flags(run)
     run.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
-    run.add_argument("--model-out", default="fusionlog-model.npz", help="where to save the small model ('' = don't)")
+    run.add_argument("--model-out", default="fusionlog-model.npz",
+                     help="where to save the small model ('' = don't)")
     run.add_argument("--report", default=None, help="also write the run report as JSON here")
-    llm = run.add_argument_group("the LLM teacher (any OpenAI-compatible server)")
-    llm.add_argument("--llm-url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
-                     help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)")
-    llm.add_argument("--llm-model", default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)")
-    llm.add_argument("--llm-key", default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)")
-    llm.add_argument("--response-format", default="json_object_schema",
-                     choices=["json_object_schema", "json_schema", "none"],
-                     help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: parse free text")
-    llm.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=False,
-                     help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
-                          "confidence than the one a small model states (0.9 on every answer); off by default "
-                          "because llama-cpp-python then takes ~3x longer per call; servers without them still work")
-    llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds to wait for one answer")
-    llm.add_argument("--llm-retries", type=int, default=3,
-                     help="retries of a failed request (timeout, connection, HTTP 429/5xx); then that "
-                          "question is left to the small model")
-    llm.add_argument("--llm-backoff", type=float, default=1.0,
-                     help="first wait before a retry, doubled each time (a server's Retry-After wins)")
-    llm.add_argument("--cache", default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
-                     help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again")
-    alg = run.add_argument_group("the method")
-    alg.add_argument("--tau", type=float, default=None, help=f"router threshold (default {router.TAU})")
-    alg.add_argument("--rounds", type=int, default=None, help="max distillation rounds")
-    alg.add_argument("--budget", type=int, default=None, help="max LLM questions in this run")
-    alg.add_argument("--concurrency", type=int, default=None, help="LLM requests in flight")
-    alg.add_argument("--margin", type=float, default=None,
-                     help=f"the small model is sure of a set when its score is at least this far from 0.5; only "
-                          f"then may it pseudo-label a set the LLM was not asked about (default "
-                          f"{distill.DistillConfig.margin})")
-    alg.add_argument("--budget-share", type=float, default=None,
-                     help=f"ask the LLM about at most this share of the distinct proprietary template-sets, "
-                          f"least sure first (default {distill.DistillConfig.budget_share}; 1 = every set)")
+    add_llm_flags(run.add_argument_group("the LLM teacher (any OpenAI-compatible server)"))
+    alg, d = run.add_argument_group("the method"), distill.DistillConfig
+    alg.add_argument("--tau", type=float, default=router.TAU, help="router threshold")
+    alg.add_argument("--rounds", type=int, default=d.rounds, help="max distillation rounds")
+    alg.add_argument("--budget", type=int, default=d.budget, help="max LLM questions in this run")
+    alg.add_argument("--concurrency", type=int, default=d.concurrency, help="LLM requests in flight")
+    alg.add_argument("--margin", type=float, default=d.margin,
+                     help="the small model is sure of a set when its score is at least this far from 0.5; "
+                          "only then may it pseudo-label a set the LLM was not asked about")
+    alg.add_argument("--budget-share", type=float, default=d.budget_share,
+                     help="ask the LLM about at most this share of the distinct proprietary template-sets, "
+                          "least sure first (1 = every set)")
     alg.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
+
+def _predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",
                         description="Label the sessions of a log with a model saved by 'fusionlog run'.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -953,11 +957,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
                     help="the log to label: a file, a .gz file, or '-' for standard input")
     _add_system_flags(pr)
-    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl; '-' = stdout)")
+    pr.add_argument("--out", default="predictions.csv",
+                    help="predictions file (.csv or .jsonl; '-' = stdout)")
     pr.add_argument("--idle", type=int, default=100_000, metavar="N",
-                    help="a session by id is complete once N lines have passed without one of its own (and at "
-                         "the end of input); 0 = only at the end of input. Windows are complete when full")
+                    help="a session by id is complete once N lines have passed without one of its own (and "
+                         "at the end of input); 0 = only at the end of input. Windows are complete when full")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusionlog", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _run_parser(sub)
+    _predict_parser(sub)
     sub.add_parser("presets", help="list the built-in log formats")
     return parser
 
@@ -974,22 +987,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             return cmd_predict(args, progress)
         if args.command == "presets":
-            for name, spec in PRESETS.items():
-                grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
-                print(f"{name:12} {spec.log_format}\n{'':12} {grouping}"
-                      + (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)" if spec.label_field else ""))
-            return 0
+            return cmd_presets()
         parser.print_help()
         return 2
     except distill.LLMUnavailable as e:  # no LLM there: say where to get one, in the same single line
-        print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point --llm-url "
-              f"(or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none", file=sys.stderr)
+        print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point "
+              f"--llm-url (or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none",
+              file=sys.stderr)
         return 2
     except ValueError as e:  # bad input: one line naming the file (and line), no traceback
         print(f"fusionlog: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an output that cannot be written (a directory, no permission, disk full, ...)
-        print(f"fusionlog: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"fusionlog: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fusionlog: interrupted (answers so far are in the cache)", file=sys.stderr)

@@ -693,23 +693,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared LogHub samples")
-    p.add_argument("--llm-url", default=fl.DEFAULT_LLM_URL,
-                   help="OpenAI-compatible base URL; 'fake' = the test suite's fake server; 'none' = skip the "
-                        "LLM systems")
-    p.add_argument("--llm-model", default=None, help="model name sent to the server (default 'local', "
-                                                      f"'{FAKE_MODEL}' with --llm-url fake)")
+    fl.add_llm_flags(p, skip=("llm_key", "llm_retries", "llm_backoff"),
+                     llm_url=dict(default=fl.DEFAULT_LLM_URL, help="OpenAI-compatible base URL; 'fake' = the test "
+                                  "suite's fake server; 'none' = skip the LLM systems"),
+                     llm_model=dict(default=None, help=f"model name sent to the server (default 'local', "
+                                    f"'{FAKE_MODEL}' with --llm-url fake)"),
+                     response_format=dict(help=None),
+                     logprobs=dict(help="ask for token log-probabilities (p(anomalous) as the LLM's confidence in "
+                                        "fusion); off, as in 'fusionlog run': on a 2-core CPU they make each call "
+                                        "far slower"),
+                     llm_timeout=dict(default=300.0, help="seconds per LLM request attempt (a busy CPU server "
+                                                          "queues requests)"),
+                     cache=dict(default=None, help="LLM answer cache, JSONL ('none' = off; default "
+                                                   "bench/.cache/answers.jsonl, bench/.cache/fake-answers.jsonl "
+                                                   "with --llm-url fake)"))
     p.add_argument("--llm-name", default=None, help="how RESULTS.md names the LLM (default: the server's "
                                                      "model ids from GET /models)")
-    p.add_argument("--response-format", default="json_object_schema",
-                   choices=["json_object_schema", "json_schema", "none"])
-    p.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=False,
-                   help="ask for token log-probabilities (p(anomalous) as the LLM's confidence in fusion); off "
-                        "by default, as in 'fusionlog run': on a 2-core CPU they make each call far slower")
-    p.add_argument("--llm-timeout", type=float, default=300.0,
-                   help="seconds per LLM request attempt (a busy CPU server queues requests)")
-    p.add_argument("--cache", default=None, help="LLM answer cache, JSONL ('none' = off; default "
-                                                 "bench/.cache/answers.jsonl, bench/.cache/fake-answers.jsonl "
-                                                 "with --llm-url fake)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated systems")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
