@@ -102,6 +102,7 @@ class FusionLog:
         self.source_templates: list[str] = []
         self.reference: metamodel.Reference | None = None  # the target's statistics, measured at fit
         self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
+        self.agreed: dict[tuple[str, ...], float] = {}  # set key -> its score where LLM and SM agree on it
         self.report: dict = {}
         self._source_vecs: sp.csr_matrix | None = None  # the source templates in the embedding
 
@@ -189,6 +190,9 @@ class FusionLog:
                                  fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta),
                                  progress=self.progress)
         self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
+        # where the LLM and the distilled small model agree on a set, that set's sessions share one verdict
+        p = np.bincount(group, metamodel.predict_proba(tgt.X[index], result.params)) / np.bincount(group)
+        self.agreed = {keys[g]: float(p[g]) for g, a in result.answers.items() if a.label == int(p[g] >= 0.5)}
         return result
 
     @staticmethod
@@ -205,7 +209,9 @@ class FusionLog:
         f = self.features(s, self.reference)
         route_scores, general = self.route(s, f.template_vecs)
         scores = metamodel.predict_proba(f.X, self.params)
-        reasons = [self.llm_reasons.get(template_set_key(s.templates, seq)) for seq in s.sequences]
+        keys = [template_set_key(s.templates, seq) for seq in s.sequences]
+        scores = np.array([self.agreed.get(k, p) for k, p in zip(keys, scores)])  # (n,) one verdict a set
+        reasons = [self.llm_reasons.get(k) for k in keys]
         return Predictions(list(s.ids), (scores >= self.config.threshold).astype(np.int8), scores, general,
                            route_scores, reasons)
 
@@ -213,7 +219,8 @@ class FusionLog:
         """One .npz: the small model's weights plus a JSON state (embedder, reference, LLM reasons)."""
         state = {"config": self.config.to_dict(), "embedder": self.embedder.to_dict(),
                  "source_templates": self.source_templates, "reference": self.reference.to_dict(),
-                 "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()]}
+                 "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()],
+                 "agreed": [[list(k), p] for k, p in self.agreed.items()]}
         metamodel.save(path, self.params, state)
 
     @classmethod
@@ -225,6 +232,7 @@ class FusionLog:
             model.source_templates = list(state["source_templates"])
             model.reference = metamodel.Reference.from_dict(state["reference"])
             model.llm_reasons = {tuple(k): r for k, r in state.get("llm_reasons", [])}
+            model.agreed = {tuple(k): float(p) for k, p in state.get("agreed", [])}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a fusionlog model file ({e})") from None
         model.params = params

@@ -1705,6 +1705,11 @@ def test_a_saved_model_labels_each_session_alone_as_in_any_batch(tmp_path, capsy
     assert [(r["session"], r["label"]) for r in run_rows] == [(sid, "Anomaly" if y else "Normal")
                                                              for sid, y in zip(whole.ids, whole.labels)]
     assert 0 < whole.labels.sum() < len(whole.ids)
+    # where the LLM and the distilled small model agreed on a set, every session of it has the set's score
+    assert model.agreed
+    for key, score in model.agreed.items():
+        held = [i for i, q in enumerate(target.sequences) if fl.template_set_key(target.templates, q) == key]
+        assert held and all(whole.scores[i] == score for i in held)
     for size in (1, 5, 20, 100):
         for start in range(0, len(target), size):
             index = np.arange(start, min(start + size, len(target)))
