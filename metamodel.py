@@ -1,5 +1,4 @@
-"""
-The small model (SM) of FusionLog and its system-agnostic meta-learning (Zhao et al., arXiv 2511.05878,
+"""The small model (SM) of FusionLog and its system-agnostic meta-learning (Zhao et al., arXiv 2511.05878,
 Sec. 3.3): an MLP meta-learned by MAML with each labeled source system as one task, so that it serves the
 target's general logs directly; the proprietary branch (distill.py) later fine-tunes it with `fine_tune`.
 
