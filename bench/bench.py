@@ -670,9 +670,9 @@ def render_md(results: dict) -> str:
     return "\n".join(lines)
 
 
-def splice_readme(readme: Path, md: str, md_path: str) -> bool:
+def splice_readme(readme: Path, md: str, md_path: str, script: str = "bench/bench.py") -> bool:
     """Replace README's text between the markers with the table, if README has the markers."""
-    start, end = "<!-- bench/RESULTS.md: start -->", "<!-- bench/RESULTS.md: end -->"
+    start, end = f"<!-- {md_path}: start -->", f"<!-- {md_path}: end -->"
     if not readme.exists():
         return False
     text = readme.read_text(encoding="utf-8")
@@ -682,17 +682,15 @@ def splice_readme(readme: Path, md: str, md_path: str) -> bool:
     above = [ln for ln in text[: text.index(start)].splitlines() if re.match(r"#+ ", ln)]
     shift = max(0, len(above[-1].split(" ", 1)[0]) - 1) if above else 0  # nest "## X" under README's last heading
     body = "\n".join("#" * shift + ln if re.match(r"#+ ", ln) else ln for ln in body.splitlines())
-    new = text[: text.index(start) + len(start)] + f"\n<!-- generated from {md_path} by bench/bench.py -->\n" \
+    new = text[: text.index(start) + len(start)] + f"\n<!-- generated from {md_path} by {script} -->\n" \
         + body.rstrip() + "\n" + text[text.index(end):]
     if new != text:
         readme.write_text(new, encoding="utf-8")
     return True
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared LogHub samples")
+def llm_and_output_flags(p, name: str) -> None:
+    """The LLM flags the bench scripts share (fusionlog's own, with bench defaults), and --readme for `name`."""
     fl.add_llm_flags(p, skip=("llm_key", "llm_retries", "llm_backoff"),
                      llm_url=dict(default=fl.DEFAULT_LLM_URL, help="OpenAI-compatible base URL; 'fake' = the test "
                                   "suite's fake server; 'none' = skip the LLM systems"),
@@ -707,15 +705,22 @@ def parse_args(argv=None):
                      cache=dict(default=None, help="LLM answer cache, JSONL ('none' = off; default "
                                                    "bench/.cache/answers.jsonl, bench/.cache/fake-answers.jsonl "
                                                    "with --llm-url fake)"))
-    p.add_argument("--llm-name", default=None, help="how RESULTS.md names the LLM (default: the server's "
+    p.add_argument("--llm-name", default=None, help=f"how {name} names the LLM (default: the server's "
                                                      "model ids from GET /models)")
+    p.add_argument("--readme", default=str(ROOT / "README.md"),
+                   help=f"README to refresh between '<!-- bench/{name}: start -->' and '... end -->' "
+                        "markers, if it has them ('none' = never)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared LogHub samples")
+    llm_and_output_flags(p, "RESULTS.md")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated systems")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--md", default=str(ROOT / "bench" / "RESULTS.md"))
-    p.add_argument("--readme", default=str(ROOT / "README.md"),
-                   help="README to refresh between '<!-- bench/RESULTS.md: start -->' and '... end -->' "
-                        "markers, if it has them ('none' = never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spread-seeds", default="1,2", metavar="SEEDS",
                    help="comma-separated further seeds: every seed-dependent system runs again with each, and "

@@ -353,15 +353,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--llm-url", default=fl.DEFAULT_LLM_URL, help="'fake' = the test suite's fake server; "
-                                                                  "'none' = skip the LLM systems")
-    p.add_argument("--llm-model", default=None, help=f"default 'local', '{bench.FAKE_MODEL}' with fake")
-    p.add_argument("--llm-name", default=None, help="how ROBUST.md names the LLM")
-    p.add_argument("--response-format", default="json_object_schema",
-                   choices=["json_object_schema", "json_schema", "none"])
-    p.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--llm-timeout", type=float, default=300.0)
-    p.add_argument("--cache", default=None, help="LLM answer cache, JSONL (default as bench.py's)")
+    bench.llm_and_output_flags(p, "ROBUST.md")
     p.add_argument("--variants", default="all", help="comma-separated variant or group names "
                                                      f"({', '.join(GROUPS)}) or 'all'")
     p.add_argument("--systems", default=",".join(SYSTEMS))
@@ -432,6 +424,8 @@ def write_outputs(args, command: str, llm: dict, done: dict, started: float) -> 
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     md = render_md(results)
     Path(args.md).write_text(md, encoding="utf-8")
+    if args.readme != "none":
+        bench.splice_readme(Path(args.readme), md, "bench/ROBUST.md", "bench/robust.py")
     return md
 
 
