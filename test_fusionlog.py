@@ -16,17 +16,23 @@ import json
 import math
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings, strategies as st
 
-from router import (TAU, TfidfEmbedder, mask, route, route_scores,
+from router import (TAU, TfidfEmbedder, mask, mask_many, route, route_scores,
                     session_vectors, split_summary, template_scores, tokenize)
 import metamodel as mm
 import distill
@@ -34,6 +40,11 @@ from distill import (Answer, AnswerCache, BadAnswer, ChatClient, DistillConfig, 
                      LLMUnavailable, build_messages, fuse, label_probability, parse_answer, retrieve)
 import fusionlog as fl
 
+
+# ====================================================================================================
+# the algorithm, in the paper's order: router -> metamodel -> distill -> fusionlog's method
+# (the plumbing around it -- reading logs, model files, the chat client, the CLI, the bench -- is at the end)
+# ====================================================================================================
 
 # ====================================================================================================
 # router.py: masking, tokenizing, TF-IDF, the training-free router
@@ -289,7 +300,7 @@ def test_split_summary():
 
 
 # ====================================================================================================
-# metamodel.py: the small model, its gradients, first-order MAML, model files
+# metamodel.py: features, the small model and its gradients, Adam, first-order MAML, fine-tuning
 # ====================================================================================================
 
 def copy_params(params):
@@ -306,6 +317,61 @@ def balanced_accuracy(y, p):
     pred = p >= 0.5
     return 0.5 * (np.mean(pred[y == 1]) + np.mean(~pred[y == 0]))
 
+
+# -----------------------------------------------------------------------------
+# features
+
+def test_session_features_match_hand_computation():
+    seqs = [np.array(s, dtype=np.int64) for s in ([0, 1, 2, 1], [0, 1, 2], [0, 1], [0, 0, 0, 0, 0, 2])]
+    sem = sp.csr_matrix(np.array([[1.0, 0], [0, 1], [0.6, 0.8], [0, 0]]))
+    templates = ["t0", "t1", "t2", "t3"]                              # template 3 is never used
+    F = mm.session_features(sem, templates, seqs, mm.Reference.measure(templates, seqs))
+    assert sp.issparse(F) and F.shape == (4, 2 + len(mm.STRUCTURAL_NAMES))
+    np.testing.assert_array_equal(F[:, :2].toarray(), sem.toarray())
+    got = F[:, 2:].toarray() / mm.STRUCTURAL_WEIGHT
+    ln = math.log
+    r = -ln(3 / 4) / ln(4)                                            # templates 1 and 2: in 3 of 4 sessions
+    med, mad = (ln(4) + ln(5)) / 2, (ln(5) - ln(3)) / 2               # of log1p(lines) = ln 5, ln 4, ln 3, ln 7
+    z = lambda L: ((ln(L) - med) / (1.4826 * mad) + 3) / 6
+    expected = np.array([
+        # log_lines      log_distinct   set_rarity  mean   max missing length_z
+        [ln(5) / ln(7), 1.0,           0.5,        2 * r / 3, r, 0.0,   z(5)],
+        [ln(4) / ln(7), 1.0,           0.5,        2 * r / 3, r, 0.0,   z(4)],
+        [ln(3) / ln(7), ln(3) / ln(4), 1.0,        r / 2,     r, 1 / 3, z(3)],
+        [1.0,           ln(3) / ln(4), 1.0,        r / 2,     r, 1 / 3, z(7)],
+    ])
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_session_features_clip_and_reject_bad_ids():
+    seqs = [np.array([0, 1], dtype=np.int64)] * 9 + [np.arange(200) % 2]
+    got = mm.structural_features(["a", "b"], seqs, mm.Reference.measure(["a", "b"], seqs))
+    assert np.all((got >= 0) & (got <= 1))
+    assert got[-1, mm.STRUCTURAL_NAMES.index("length_z")] == 1.0      # far longer than the rest: clipped at +3
+    with pytest.raises(ValueError):
+        mm.structural_features(["a", "b", "c"], [np.array([0, 5])], mm.Reference.measure(["a"], [np.array([0])]))
+
+
+def test_structural_features_depend_on_the_session_and_the_reference_only():
+    rng = np.random.default_rng(3)
+    ref_templates = [f"t{i}" for i in range(6)]
+    ref_seqs = [rng.integers(0, 6, size=rng.integers(1, 9)) for _ in range(50)]
+    ref = mm.Reference.from_dict(json.loads(json.dumps(mm.Reference.measure(ref_templates, ref_seqs).to_dict())))
+    # another numbering of the templates, and a template the reference never saw ("new")
+    templates = ["t5", "new", "t0", "t1", "t2", "t3", "t4"]
+    seqs = [rng.integers(0, 7, size=rng.integers(1, 9)) for _ in range(40)]
+    whole = mm.structural_features(templates, seqs, ref)
+    alone = np.vstack([mm.structural_features(templates, [q], ref) for q in seqs])
+    np.testing.assert_array_equal(alone, whole)
+    # the same sessions written in the reference's own numbering give the same features
+    renumber = np.array([ref_templates.index(t) if t in ref_templates else -1 for t in templates])
+    known = [i for i, q in enumerate(seqs) if (renumber[q] >= 0).all()]
+    np.testing.assert_allclose(mm.structural_features(ref_templates, [renumber[seqs[i]] for i in known], ref),
+                               whole[known], rtol=0, atol=1e-12)
+    # a session holding the never-seen template is as rare as can be: rarest template, rarest set
+    new = [i for i, q in enumerate(seqs) if 1 in q]
+    assert new and np.all(whole[new, mm.STRUCTURAL_NAMES.index("max_tmpl_rarity")] == 1.0)
+    assert np.all(whole[new, mm.STRUCTURAL_NAMES.index("set_rarity")] == 1.0)
 
 # -----------------------------------------------------------------------------
 # the MLP
@@ -395,7 +461,6 @@ def test_nothing_mutates_params():
     new = mm.fine_tune(params, X, y, np.ones(40), mm.MetaConfig(hidden=(4,), finetune_epochs=1))
     assert_params_equal(params, before)
     assert not np.allclose(fast_params["W1"], params["W1"]) and not np.allclose(new["W1"], params["W1"])
-
 
 # -----------------------------------------------------------------------------
 # meta-learning
@@ -595,136 +660,8 @@ def test_fine_tune_takes_at_least_min_steps_on_a_small_set(monkeypatch):
     mm.fine_tune(params, X, y, np.ones(10), mm.MetaConfig(hidden=(3,), finetune_epochs=more))
     assert len(calls) == more                                        # epochs rule when they give more steps
 
-
-# -----------------------------------------------------------------------------
-# persistence
-
-def saved_model(tmp_path):
-    params = mm.init_params(7, (3, 2), np.random.default_rng(7))
-    config = {"hidden": [3, 2], "note": "x", "tau": 0.5}
-    path = tmp_path / "model.npz"
-    mm.save(path, params, config)
-    return path, params, config
-
-
-def test_save_load_round_trip(tmp_path):
-    path, params, config = saved_model(tmp_path)
-    loaded, cfg = mm.load(path)
-    assert_params_equal(loaded, params)
-    assert cfg == config
-    assert mm.MetaConfig.from_dict(cfg).hidden == (3, 2)
-    odd = tmp_path / "model.bin"                                      # no ".npz" appended behind our back
-    mm.save(odd, params, config)
-    assert odd.exists() and not (tmp_path / "model.bin.npz").exists()
-
-
-def test_truncated_file_is_rejected(tmp_path):
-    path, _, _ = saved_model(tmp_path)
-    data = path.read_bytes()
-    for cut in (0, 10, len(data) // 2, len(data) - 5):
-        path.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match="model.npz"):
-            mm.load(path)
-
-
-def test_tampered_array_is_rejected(tmp_path):
-    path, params, config = saved_model(tmp_path)
-    with zipfile.ZipFile(path) as z:                                  # rewrite a consistent zip with one edited array
-        members = {n: z.read(n) for n in z.namelist()}
-    raw = bytearray(members["W1.npy"])
-    raw[-3] ^= 0x40
-    members["W1.npy"] = bytes(raw)
-    with zipfile.ZipFile(path, "w") as z:
-        for n, b in members.items():
-            z.writestr(n, b)
-    with pytest.raises(ValueError, match="model.npz.*checksum"):
-        mm.load(path)
-    data = bytearray(saved_model(tmp_path)[0].read_bytes())          # a flipped byte inside the archive
-    data[len(data) // 3] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.npz"):
-        mm.load(path)
-
-
-def test_wrong_version_or_format_is_rejected(tmp_path):
-    params = mm.init_params(3, (2,), np.random.default_rng(8))
-    for header, match in (({"format": mm.FORMAT, "version": 1}, "format version 1; this fusionlog reads version 2"),
-                          ({"format": "other", "version": 2}, "format")):
-        header = dict(header, sha256=mm._digest(params, {}), config={})
-        path = tmp_path / "model.npz"
-        with open(path, "wb") as f:
-            np.savez(f, **params, __config__=np.array(json.dumps(header)))
-        with pytest.raises(ValueError, match=f"model.npz.*{match}"):
-            mm.load(path)
-    header = {"format": mm.FORMAT, "version": mm.VERSION, "sha256": mm._digest(params, {}), "config": {}}
-    for extra in ({"names": np.array(["a", "b"])}, {"obj": np.array([{"x": 1}], dtype=object)}):  # text; pickle
-        with open(path, "wb") as f:
-            np.savez(f, **params, **extra, __config__=np.array(json.dumps(header)))
-        with pytest.raises(ValueError, match="model.npz"):
-            mm.load(path)
-    path.write_text("not a zip at all")
-    with pytest.raises(ValueError, match="model.npz"):
-        mm.load(path)
-
-
-# -----------------------------------------------------------------------------
-# features
-
-def test_session_features_match_hand_computation():
-    seqs = [np.array(s, dtype=np.int64) for s in ([0, 1, 2, 1], [0, 1, 2], [0, 1], [0, 0, 0, 0, 0, 2])]
-    sem = sp.csr_matrix(np.array([[1.0, 0], [0, 1], [0.6, 0.8], [0, 0]]))
-    templates = ["t0", "t1", "t2", "t3"]                              # template 3 is never used
-    F = mm.session_features(sem, templates, seqs, mm.Reference.measure(templates, seqs))
-    assert sp.issparse(F) and F.shape == (4, 2 + len(mm.STRUCTURAL_NAMES))
-    np.testing.assert_array_equal(F[:, :2].toarray(), sem.toarray())
-    got = F[:, 2:].toarray() / mm.STRUCTURAL_WEIGHT
-    ln = math.log
-    r = -ln(3 / 4) / ln(4)                                            # templates 1 and 2: in 3 of 4 sessions
-    med, mad = (ln(4) + ln(5)) / 2, (ln(5) - ln(3)) / 2               # of log1p(lines) = ln 5, ln 4, ln 3, ln 7
-    z = lambda L: ((ln(L) - med) / (1.4826 * mad) + 3) / 6
-    expected = np.array([
-        # log_lines      log_distinct   set_rarity  mean   max missing length_z
-        [ln(5) / ln(7), 1.0,           0.5,        2 * r / 3, r, 0.0,   z(5)],
-        [ln(4) / ln(7), 1.0,           0.5,        2 * r / 3, r, 0.0,   z(4)],
-        [ln(3) / ln(7), ln(3) / ln(4), 1.0,        r / 2,     r, 1 / 3, z(3)],
-        [1.0,           ln(3) / ln(4), 1.0,        r / 2,     r, 1 / 3, z(7)],
-    ])
-    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
-
-
-def test_session_features_clip_and_reject_bad_ids():
-    seqs = [np.array([0, 1], dtype=np.int64)] * 9 + [np.arange(200) % 2]
-    got = mm.structural_features(["a", "b"], seqs, mm.Reference.measure(["a", "b"], seqs))
-    assert np.all((got >= 0) & (got <= 1))
-    assert got[-1, mm.STRUCTURAL_NAMES.index("length_z")] == 1.0      # far longer than the rest: clipped at +3
-    with pytest.raises(ValueError):
-        mm.structural_features(["a", "b", "c"], [np.array([0, 5])], mm.Reference.measure(["a"], [np.array([0])]))
-
-
-def test_structural_features_depend_on_the_session_and_the_reference_only():
-    rng = np.random.default_rng(3)
-    ref_templates = [f"t{i}" for i in range(6)]
-    ref_seqs = [rng.integers(0, 6, size=rng.integers(1, 9)) for _ in range(50)]
-    ref = mm.Reference.from_dict(json.loads(json.dumps(mm.Reference.measure(ref_templates, ref_seqs).to_dict())))
-    # another numbering of the templates, and a template the reference never saw ("new")
-    templates = ["t5", "new", "t0", "t1", "t2", "t3", "t4"]
-    seqs = [rng.integers(0, 7, size=rng.integers(1, 9)) for _ in range(40)]
-    whole = mm.structural_features(templates, seqs, ref)
-    alone = np.vstack([mm.structural_features(templates, [q], ref) for q in seqs])
-    np.testing.assert_array_equal(alone, whole)
-    # the same sessions written in the reference's own numbering give the same features
-    renumber = np.array([ref_templates.index(t) if t in ref_templates else -1 for t in templates])
-    known = [i for i, q in enumerate(seqs) if (renumber[q] >= 0).all()]
-    np.testing.assert_allclose(mm.structural_features(ref_templates, [renumber[seqs[i]] for i in known], ref),
-                               whole[known], rtol=0, atol=1e-12)
-    # a session holding the never-seen template is as rare as can be: rarest template, rarest set
-    new = [i for i, q in enumerate(seqs) if 1 in q]
-    assert new and np.all(whole[new, mm.STRUCTURAL_NAMES.index("max_tmpl_rarity")] == 1.0)
-    assert np.all(whole[new, mm.STRUCTURAL_NAMES.index("set_rarity")] == 1.0)
-
-
 # ====================================================================================================
-# distill.py: the OpenAI-compatible client, cache, prompts, fusion, the distillation loop
+# distill.py: prompts, retrieval, fusion, the distillation loop (asking a fake OpenAI-compatible server)
 # ====================================================================================================
 
 # -----------------------------------------------------------------------------
@@ -894,253 +831,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def question(*templates):
-    return [(t, i + 1) for i, t in enumerate(templates)]
-
-
-# -----------------------------------------------------------------------------
-# parse_answer and label_probability
-
-@pytest.mark.parametrize("text, label, conf", [
-    ('{"label": "anomalous", "confidence": 0.8, "reason": "x"}', 1, 0.8),
-    ('```json\n{"label": "normal", "confidence": 0.9, "reason": "ok"}\n```', 0, 0.9),
-    ('Sure! Here is {my answer}: {"label": " Anomalous ", "confidence": 1, "reason": "r"} hope it helps', 1, 1.0),
-    ('{"label": "normal", "confidence": 0}', 0, 0.0),
-])
-def test_parse_answer_tolerant(text, label, conf):
-    a = parse_answer(text)
-    assert (a.label, a.confidence, a.p_anomalous, a.cached) == (label, conf, None, False)
-
-
-@pytest.mark.parametrize("text", [
-    '{"label": "maybe", "confidence": 0.5, "reason": ""}',
-    '{"label": "normal", "confidence": 1.5, "reason": ""}',
-    '{"label": "normal", "confidence": -0.1, "reason": ""}',
-    '{"label": "normal", "confidence": NaN, "reason": ""}',
-    '{"label": "normal", "confidence": "high", "reason": ""}',
-    '{"label": "normal", "confidence": true, "reason": ""}',
-    '{"label": "normal", "reason": ""}',
-    '{"label": 1, "confidence": 0.5}',
-    "no json here", "", '["normal", 0.9]',
-])
-def test_parse_answer_rejects(text):
-    with pytest.raises(BadAnswer) as e:
-        parse_answer(text)
-    assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
-
-
-def test_label_probability_formats():
-    def entry(tok, tops):
-        return {"token": tok, "logprob": math.log(dict(tops).get(tok, 0.5)), "top_logprobs":
-                [{"token": t, "logprob": math.log(q)} for t, q in tops]}
-    # the quote is glued to the value token, as BPE vocabularies often do
-    lp = {"content": [entry('{"', [('{"', 1.0)]), entry("label", [("label", 1.0)]), entry('":', [('":', 1.0)]),
-                      entry(' "an', [(' "an', 0.6), (' "normal', 0.3), (' "n', 0.06), (" null", 0.04)]),
-                      entry('omalous"}', [('omalous"}', 1.0)])]}
-    assert label_probability(lp) == pytest.approx(0.6 / 0.96)
-    legacy = {"tokens": ['{"label": "', "normal", '"}'], "token_logprobs": [0.0, math.log(0.7), 0.0],
-              "top_logprobs": [{'{"label": "': 0.0}, {"normal": math.log(0.7), "anom": math.log(0.2)}, {'"}': 0.0}]}
-    assert label_probability(legacy) is None  # /v1/completions' format: chat servers do not send it
-    assert label_probability(None) is None
-    assert label_probability({"content": [entry("hello", [("hello", 1.0)])]}) is None
-    assert label_probability({"content": "garbage"}) is None
-
-
-# -----------------------------------------------------------------------------
-# ChatClient over real HTTP
-
-def test_round_trip_payload_and_rule(fake_llm):
-    client = ChatClient(fake_llm.url, model="m1", logprobs=True)
-    a = client.answer(build_messages(question("Receiving block <*>", "Exception while serving <*>"), []))
-    b = client.answer(build_messages(question("Receiving block <*>", "Verification succeeded"), []))
-    assert (a.label, a.confidence, b.label, b.confidence) == (1, 0.95, 0, 0.9)
-    assert a.p_anomalous == pytest.approx(0.97) and b.p_anomalous == pytest.approx(0.2)
-    body = fake_llm.bodies[-1]
-    assert body["model"] == "m1" and body["temperature"] == 0 and body["stream"] is False
-    assert body["response_format"] == {"type": "json_object", "schema": distill.SCHEMA}
-    assert body["logprobs"] is True and body["top_logprobs"] == 5
-    assert fake_llm.requests == 2 and dict(client.faults) == {}
-    assert "Authorization" not in fake_llm.headers[-1]
-
-
-def test_response_formats_and_no_logprobs(fake_llm):
-    msgs = build_messages(question("a <*>"), [])
-    ChatClient(fake_llm.url, response_format="json_schema").answer(msgs)
-    rf = fake_llm.bodies[-1]["response_format"]
-    assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
-    assert rf["json_schema"]["schema"] == distill.SCHEMA
-    a = ChatClient(fake_llm.url, response_format="none").answer(msgs)
-    assert "response_format" not in fake_llm.bodies[-1] and "logprobs" not in fake_llm.bodies[-1]
-    assert a.p_anomalous is None
-    fake_llm.logprobs = False  # a server that ignores the request for logprobs: graceful None
-    assert ChatClient(fake_llm.url, logprobs=True).answer(msgs).p_anomalous is None
-    with pytest.raises(ValueError):
-        ChatClient(fake_llm.url, response_format="xml")
-
-
-def test_env_fallbacks(monkeypatch, fake_llm):
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm.url + "/")
-    monkeypatch.setenv("OPENAI_MODEL", "env-model")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-ENV-KEY-42")
-    client = ChatClient()
-    assert (client.base_url, client.model) == (fake_llm.url, "env-model")
-    client.answer(build_messages(question("x <*>"), []))
-    assert fake_llm.headers[-1]["Authorization"] == "Bearer sk-ENV-KEY-42"
-    assert "ENV-KEY" not in repr(client) and "***" in repr(client)
-    monkeypatch.delenv("OPENAI_BASE_URL")
-    monkeypatch.delenv("OPENAI_MODEL")
-    monkeypatch.delenv("OPENAI_API_KEY")
-    assert ChatClient().base_url == "http://127.0.0.1:8080/v1" and ChatClient().model == "local"
-    assert "api_key=None" in repr(ChatClient())
-
-
-def test_server_misbehaviour_is_a_bad_answer(fake_llm):
-    client = ChatClient(fake_llm.url, max_retries=0, max_bytes=2000)
-    msgs = build_messages(question("a <*>"), [])
-    a = client.answer(msgs)  # control
-    fake_llm.push({"content": '```json\n{"label": "anomalous", "confidence": 0.7, "reason": "r"}\n```'})
-    assert client.answer(msgs).label == 1 and a.label == 0
-    for action, kind in [({"raw": "<html>oops</html>"}, "bad_json"), ({"no_choices": True}, "bad_answer"),
-                         ({"content": '{"label": "dunno", "confidence": 0.5, "reason": ""}'}, "bad_answer"),
-                         ({"raw": "x" * 5000}, "too_large")]:
-        fake_llm.push(action)
-        with pytest.raises(BadAnswer):
-            client.answer(msgs)
-        assert client.faults[kind] >= 1
-    assert fake_llm.requests == 6  # BadAnswer is not retried: temperature 0 would say the same
-
-
-def test_retries_on_503_then_success(fake_llm):
-    waits = []
-    client = ChatClient(fake_llm.url, max_retries=3, backoff=0.5, sleep=waits.append)
-    fake_llm.push({"status": 503}, {"status": 502}, {"status": 500})
-    assert client.answer(build_messages(question("ok"), [])).label == 0
-    assert fake_llm.requests == 4 and waits == [0.5, 1.0, 2.0]
-    assert client.faults == collections.Counter({"http_503": 1, "http_502": 1, "http_500": 1})
-
-
-def test_retry_after_honoured_and_capped(fake_llm):
-    waits = []
-    client = ChatClient(fake_llm.url, max_retries=3, backoff=0.25, max_wait=5.0, sleep=waits.append)
-    fake_llm.push({"status": 429, "retry_after": "0.05"}, {"status": 503, "retry_after": "Wed, 21 Oct 2015"},
-                  {"status": 429, "retry_after": "3600"})
-    client.answer(build_messages(question("ok"), []))
-    assert waits == [0.05, 0.5, 5.0]  # seconds form honoured, HTTP-date falls back to backoff, capped
-    # and with the real sleep (tiny value)
-    fake_llm.push({"status": 429, "retry_after": "0.01"})
-    assert ChatClient(fake_llm.url, max_retries=1).answer(build_messages(question("ok2"), [])).label == 0
-    assert fake_llm.requests == 6
-
-
-def test_retries_exhausted_and_non_retryable(fake_llm):
-    client = ChatClient(fake_llm.url, max_retries=2, backoff=0.0, sleep=lambda s: None)
-    fake_llm.always = {"status": 503}
-    with pytest.raises(LLMError) as e:
-        client.answer(build_messages(question("x"), []))
-    assert fake_llm.requests == 3 and client.faults["http_503"] == 3
-    assert "\n" not in str(e.value) and fake_llm.url in str(e.value)
-    fake_llm.always = {"status": 400, "error": "unknown field"}
-    with pytest.raises(LLMError) as e:
-        client.answer(build_messages(question("y"), []))
-    assert fake_llm.requests == 4 and "HTTP 400" in str(e.value) and "unknown field" in str(e.value)
-
-
-def test_timeout_is_retried(fake_llm):
-    client = ChatClient(fake_llm.url, timeout=0.2, max_retries=1, sleep=lambda s: None)
-    fake_llm.push({"delay": 1.0})
-    assert client.answer(build_messages(question("slow <*>"), [])).label == 0
-    assert client.faults["timeout"] == 1 and fake_llm.requests == 2
-
-
-def test_a_reply_dripping_in_slower_than_the_timeout_is_a_timeout(fake_llm):
-    """Each piece arrives within the read timeout (0.25 s apart < 0.6 s), but the whole reply takes ~2.5 s:
-    the attempt's deadline ends it, and the retry gets the answer."""
-    client = ChatClient(fake_llm.url, timeout=0.6, max_retries=1, sleep=lambda s: None)
-    fake_llm.push({"drip": 0.25})
-    assert client.answer(build_messages(question("drip <*>"), [])).label == 0
-    assert client.faults["timeout"] == 1 and fake_llm.requests == 2
-    fake_llm.push({"drip": 0.01})  # a reply sent in pieces, well within the timeout, is read whole
-    assert client.answer(build_messages(question("pieces <*>"), [])).label == 0
-    assert client.faults["timeout"] == 1
-
-
-def test_api_key_sent_but_never_shown(fake_llm, tmp_path):
-    secret = "sk-SECRET-9f8e7d"
-    cache_path = tmp_path / "answers.jsonl"
-    client = ChatClient(fake_llm.url, api_key=secret, cache=AnswerCache(cache_path), max_retries=0)
-    client.answer(build_messages(question("a <*>"), []))
-    assert fake_llm.headers[-1]["Authorization"] == f"Bearer {secret}"
-    assert secret not in repr(client) and secret not in str(vars(client.cache))
-    assert secret not in cache_path.read_text()
-    fake_llm.push({"status": 401, "error": f"invalid key {secret}"})  # a server that echoes the key
-    with pytest.raises(LLMError) as e:
-        client.answer(build_messages(question("b <*>"), []))
-    assert secret not in str(e.value) and "***" in str(e.value)
-    fake_llm.push({"status": 500, "error": secret})
-    with pytest.raises(LLMError) as e:
-        client.answer(build_messages(question("c <*>"), []))
-    assert secret not in str(e.value)
-
-
-def test_connection_refused(tmp_path):
-    url = f"http://127.0.0.1:{free_port()}/v1"
-    with pytest.raises(LLMUnavailable) as e:
-        ChatClient(url).check()
-    assert url in str(e.value) and "\n" not in str(e.value)
-    waits = []
-    client = ChatClient(url, max_retries=2, backoff=0.1, sleep=waits.append)
-    with pytest.raises(LLMError) as e:
-        client.answer(build_messages(question("x"), []))
-    assert client.faults["connection"] == 3 and waits == [0.1, 0.2] and url in str(e.value)
-
-
-def test_check(fake_llm):
-    assert ChatClient(fake_llm.url).check() == ["fake-model"]
-    assert fake_llm.requests == 0 and fake_llm.model_requests == 1
-    fake_llm.models_404 = True  # no /models: a tiny chat call instead
-    assert ChatClient(fake_llm.url).check() == []
-    assert fake_llm.requests == 1 and fake_llm.bodies[-1]["max_tokens"] == 1
-    fake_llm.push({"status": 401})
-    with pytest.raises(LLMUnavailable) as e:
-        ChatClient(fake_llm.url).check()
-    assert "401" in str(e.value) and fake_llm.url in str(e.value)
-    # connected but busy (llama.cpp answers nothing while it serves another client): there, not down
-    fake_llm.models_404, fake_llm.models_delay = False, 0.5
-    assert ChatClient(fake_llm.url, timeout=0.1).check() == []
-
-
-# -----------------------------------------------------------------------------
-# the answer cache
-
-def test_cache_hit_makes_no_request_and_survives_a_torn_line(fake_llm, tmp_path):
-    path = tmp_path / "sub" / "answers.jsonl"
-    msgs = build_messages(question("Connection timeout <*>"), [])
-    client = ChatClient(fake_llm.url, cache=AnswerCache(path), logprobs=True)
-    first = client.answer(msgs)
-    assert not first.cached and fake_llm.requests == 1
-    again = client.answer(msgs)
-    assert again.cached and fake_llm.requests == 1
-    assert (again.label, again.confidence, again.p_anomalous) == (first.label, first.confidence, first.p_anomalous)
-    with open(path, "a") as f:  # a crash mid-write: a torn last line, then a junk line
-        f.write('{"key": "abc", "label": 1, "confid')
-    fresh = AnswerCache(path)
-    assert len(fresh) == 1 and fresh.skipped == 1
-    client2 = ChatClient(fake_llm.url, cache=fresh, logprobs=True)
-    assert client2.answer(msgs).cached and fake_llm.requests == 1
-    other = build_messages(question("Verification succeeded <*>"), [])
-    client2.answer(other)  # appended after the torn line, on a line of its own
-    assert fake_llm.requests == 2
-    reloaded = AnswerCache(path)
-    assert len(reloaded) == 2 and reloaded.skipped == 1
-    reloaded.put("odd", Answer(0, 0.5, "line\u2028separator \x85 and \u00e9"))
-    assert AnswerCache(path).get("odd").reason == "line\u2028separator \x85 and \u00e9"
-    # the key covers the model and whether logprobs were asked
-    ChatClient(fake_llm.url, cache=reloaded, model="other").answer(msgs)
-    ChatClient(fake_llm.url, cache=reloaded, logprobs=False).answer(msgs)
-    assert fake_llm.requests == 4
-
-
 # -----------------------------------------------------------------------------
 # prompts, retrieval, fusion
 
@@ -1196,7 +886,6 @@ C = DistillConfig(trust=0.8, margin=0.4)
 ])
 def test_fuse_rule_table(p_sm, llm, expected):
     assert fuse(p_sm, llm, C) == expected
-
 
 # -----------------------------------------------------------------------------
 # distill on a small synthetic problem, with a stand-in small model (weighted logistic regression)
@@ -1475,9 +1164,8 @@ def test_a_group_never_sees_itself_and_an_unchanged_prompt_is_not_asked_again(fa
                           predict_proba=lambda X, p: np.full(X.shape[0], 0.45), fine_tune=lambda p, X, y, w: p)
     assert fake_llm.requests - before == len(GROUPS) and res.rounds[1]["asked"] == 0
 
-
 # ====================================================================================================
-# fusionlog.py: reading logs, labels, metrics, the CLI end to end
+# fusionlog.py: the method -- template-set groups, inductive prediction, end to end on synthetic and real logs
 # ====================================================================================================
 
 def write(path, text, mode="w"):
@@ -1486,78 +1174,22 @@ def write(path, text, mode="w"):
     return str(path)
 
 
-# ---- reading logs --------------------------------------------------------------------------------
-
-HDFS_LIKE = """\
-081109 203518 143 INFO dfs.DataNode$DataXceiver: Receiving block blk_1 src: /10.0.0.1:5000 dest: /10.0.0.2:50010
-081109 203518 35 INFO dfs.FSNamesystem: BLOCK* NameSystem.allocateBlock: /user/a. blk_-2
-081109 203519 143 INFO dfs.DataNode$PacketResponder: Received block blk_1 of size 67108864 from /10.0.0.1
-this line matches no format and continues the previous record
-081109 203520 147 INFO dfs.FSNamesystem: BLOCK* ask 10.0.0.3:50010 to replicate blk_1 to datanode(s) 10.0.0.4:50010 blk_-2
-"""
-
-
-def test_compile_format_fields_and_errors():
-    r = fl.compile_format("<Date> <Time> <Level> <Component>: <Content>")
-    m = r.match("081109  203518 INFO dfs.X: hello world")
-    assert m and m.group("Component") == "dfs.X" and m.group("Content") == "hello world"
-    with pytest.raises(ValueError, match="appears twice"):
-        fl.compile_format("<Date> <Date> <Content>")
-    with pytest.raises(ValueError, match="Content"):
-        fl.compile_format("<Date> <Time>")
+def test_group_by_template_set_and_example_pool_by_hand():
+    # sessions 0 and 2 share the set {a, b} (in another order and with other counts); 1 and 3 are alone
+    s = fl.Sessions("x", ["a", "b", "c"], ["s0", "s1", "s2", "s3"],
+                    [np.array([0, 1]), np.array([2]), np.array([1, 0, 0]), np.array([0, 2])],
+                    np.array([1, 0, 0, 1], dtype=np.int8))
+    group, first, keys = fl.group_by_template_set(s)
+    assert group.tolist() == [0, 1, 0, 2] and first.tolist() == [0, 1, 3] and keys[0] == ("a", "b")
+    group, first, keys = fl.group_by_template_set(s, [1, 2, 3])  # a subset keeps the session indices
+    assert group.tolist() == [0, 1, 2] and first.tolist() == [1, 2, 3]
+    pool = fl.example_pool([s], [sp.identity(4, format="csr")])
+    # set {a, b}: labels 1 and 0, a tie, is normal; its example is its first session, with counts
+    assert pool.labels.tolist() == [0, 0, 1] and pool.texts[0] == [("a", 1), ("b", 1)]
+    assert pool.vecs.toarray()[:, :].tolist() == np.eye(4)[[0, 1, 3]].tolist()
 
 
-def test_read_system_sessions_by_id(tmp_path):
-    s = fl.read_system(write(tmp_path / "h.log", HDFS_LIKE), fl.PRESETS["HDFS"], "HDFS")
-    assert s.ids == ["blk_1", "blk_-2"]  # first-appearance order
-    # blk_1 has lines 1, 3, the continuation (joins line 3's session) and line 5 (which names both blocks)
-    assert len(s.sequences[0]) == 4 and len(s.sequences[1]) == 2
-    assert s.stats["continuation"] == 1 and s.stats["records"] == 4
-    # the last line names both blocks: the same template id closes both sessions
-    assert s.sequences[0][-1] == s.sequences[1][-1]
-    assert all("blk_" not in t for t in s.templates)  # ids are masked out of templates
-
-
-def test_read_system_windows_with_inline_labels(tmp_path):
-    lines = [f"{'-' if i != 7 else 'FATAL'} 1117838570 2005.06.03 R02 2005-06-03-15.42.50.675872 R02 RAS KERNEL INFO event {i % 3}"
-             for i in range(10)]
-    s = fl.read_system(write(tmp_path / "b.log", "\n".join(lines) + "\n"),
-                       fl.SystemSpec(fl.PRESETS["BGL"].log_format, window=4, label_field="Label"), "BGL")
-    assert s.ids == ["records 1-4", "records 5-8"]  # the last, partial window of 2 is not a full window
-    assert s.labels.tolist() == [0, 1]
-
-
-def test_read_system_errors_name_the_file(tmp_path):
-    with pytest.raises(ValueError, match="no such file"):
-        fl.read_system(tmp_path / "missing.log", fl.PRESETS["HDFS"])
-    with pytest.raises(ValueError, match="empty"):
-        fl.read_system(write(tmp_path / "e.log", ""), fl.PRESETS["HDFS"])
-    with pytest.raises(ValueError, match=r"matches no line; first line: 'hello'"):
-        fl.read_system(write(tmp_path / "x.log", "hello\n"), fl.PRESETS["HDFS"])
-    with pytest.raises(ValueError, match="session regex"):
-        fl.read_system(write(tmp_path / "h.log", HDFS_LIKE), fl.SystemSpec(fl.PRESETS["HDFS"].log_format, session_regex="("))
-
-
-def test_read_labels(tmp_path):
-    p = write(tmp_path / "l.csv", "BlockId,Label\nblk_1,Anomaly\nblk_-2,Normal\nblk_3,1\n")
-    assert fl.read_labels(p) == {"blk_1": 1, "blk_-2": 0, "blk_3": 1}
-    with pytest.raises(ValueError, match=r"l2.csv:3: unknown label 'maybe'"):
-        fl.read_labels(write(tmp_path / "l2.csv", "Id,Label\na,Normal\nb,maybe\n"))
-    with pytest.raises(ValueError, match="no header"):
-        fl.read_labels(write(tmp_path / "l3.csv", "a,Normal\n"))
-    with pytest.raises(ValueError, match="both normal and anomalous"):
-        fl.read_labels(write(tmp_path / "l4.csv", "Id,Label\na,Normal\na,Anomaly\n"))
-
-
-def test_evaluate_against_hand_counts():
-    m = fl.evaluate(np.array([1, 1, 0, 0, 0, -1]), np.array([1, 0, 1, 0, 0, 1]))
-    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 2, 1)
-    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5) and m["f1"] == pytest.approx(0.5)
-
-
-# ---- end to end, through the CLI, against the fake LLM server ---------------------------------------
-
-
+# ---- synthetic logs: two labeled source systems and one target -------------------------------------
 
 def synthetic_logs(tmp_path, rng):
     """Two labeled source systems and one target, each with its own vocabulary and a few anomalies."""
@@ -1612,67 +1244,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_end_to_end_cli_with_fake_llm(tmp_path, capsys):
-    fake = FakeLLM().start()
-    try:
-        p = synthetic_logs(tmp_path, np.random.default_rng(0))
-        assert fl.main(run_args(p, tmp_path, fake.url)) == 0
-        out = capsys.readouterr().out
-        first_requests = fake.requests
-        assert first_requests > 0
-        assert re.search(r"routing \(tau=[\d.]+\): general \d+ \([\d.]+%\), proprietary \d+", out)
-        assert re.search(r"LLM calls: \d+ new, \d+ from cache", out) and "round 1:" in out
-        assert "F1" in out
-        rows = read_csv(tmp_path / "pred.csv")
-        assert len(rows) == 150 and {r["route"] for r in rows} <= {"general", "proprietary"}
-        assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
-        report = json.loads((tmp_path / "report.json").read_text())
-        assert report["llm_calls"] == first_requests
-        # the fake teacher's rule finds the target's anomalies (they say "exception"/"timeout"), and the
-        # distilled small model follows it
-        assert report["metrics"]["f1"] >= 0.9
-        # the template-sets the LLM was asked about carry its reason; the rest were the small model's alone
-        assert 0 < sum(bool(r["reason"]) for r in rows) < len(rows)
-
-        # a second identical run asks the server nothing new: every answer comes from the cache
-        assert fl.main(run_args(p, tmp_path, fake.url, ["--out", str(tmp_path / "pred2.csv")])) == 0
-        assert fake.requests == first_requests
-        assert "0 new" in capsys.readouterr().out
-        assert [r["label"] for r in read_csv(tmp_path / "pred2.csv")] == [r["label"] for r in rows]
-
-        # predict with the saved model: no LLM, same labels
-        before = fake.requests
-        assert fl.main(["-q", "predict", "--model", str(tmp_path / "model.npz"), "--input", f"HDFS={p['hdfs']}",
-                        "--out", str(tmp_path / "again.jsonl")]) == 0
-        again = [json.loads(x) for x in (tmp_path / "again.jsonl").read_text().splitlines()]
-        assert fake.requests == before
-        assert [r["label"] for r in again] == [r["label"] for r in rows]
-    finally:
-        fake.stop()
-
-
-def test_cli_fails_fast_when_the_llm_is_not_there(tmp_path, capsys):
-    p = synthetic_logs(tmp_path, np.random.default_rng(0))
-    url = f"http://127.0.0.1:{free_port()}/v1"
-    assert fl.main(run_args(p, tmp_path, url)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and url in err[0] and "Traceback" not in err[0]
-
-
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    assert fl.main(["-q", "run", "--source", f"HDFS={tmp_path / 'nope.log'}", "--target", f"HDFS={tmp_path / 'x.log'}",
-                    "--llm-url", "none"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope.log: no such file" in err[0]
-
-
-def test_help_explains_every_option(capsys):
-    for argv in (["--help"], ["run", "--help"], ["predict", "--help"]):
-        with pytest.raises(SystemExit):
-            fl.main(argv)
-        text = capsys.readouterr().out
-        for opt in re.findall(r"^\s+(--[\w-]+)", text, re.M):
-            assert re.search(re.escape(opt) + r"[^\n]*\n?\s+\S", text), opt
+WEB_SPEC = fl.SystemSpec("<Date> <Time> <Level> <Component>: <Content>", session_regex=r"req-(\d+)")
+DB_SPEC = fl.SystemSpec("<Label> <Node> <Component> <Content>", window=5, label_field="Label")
 
 
 # ---- inductive prediction: a saved model labels each session on its own ----------------------------
@@ -1745,45 +1318,45 @@ def test_windows_alone_are_labeled_as_in_the_whole_log(tmp_path):
         np.testing.assert_allclose(np.concatenate([g.scores for g in got]), whole.scores, rtol=0, atol=1e-9)
 
 
-def test_predict_reads_stdin_and_gzip_and_closes_idle_sessions(tmp_path, monkeypatch, capsys):
-    import gzip
-    import io
-    p = synthetic_logs(tmp_path, np.random.default_rng(0))
-    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
-    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=30)))
-    model.fit([web, fl.read_system(p["db"], DB_SPEC, "db")], fl.read_system(p["hdfs"], fl.PRESETS["HDFS"]))
-    model.save(tmp_path / "m.npz")
-    raw = Path(p["hdfs"]).read_bytes()
-    (tmp_path / "h.log.gz").write_bytes(gzip.compress(raw))
+# ---- end to end, through the CLI, against the fake LLM server ---------------------------------------
 
-    def predict(path, *extra):
-        assert fl.main(["-q", "predict", "--model", str(tmp_path / "m.npz"), "--input", f"HDFS={path}", *extra]) == 0
-        return capsys.readouterr().out
+def test_end_to_end_cli_with_fake_llm(tmp_path, capsys):
+    fake = FakeLLM().start()
+    try:
+        p = synthetic_logs(tmp_path, np.random.default_rng(0))
+        assert fl.main(run_args(p, tmp_path, fake.url)) == 0
+        out = capsys.readouterr().out
+        first_requests = fake.requests
+        assert first_requests > 0
+        assert re.search(r"routing \(tau=[\d.]+\): general \d+ \([\d.]+%\), proprietary \d+", out)
+        assert re.search(r"LLM calls: \d+ new, \d+ from cache", out) and "round 1:" in out
+        assert "F1" in out
+        rows = read_csv(tmp_path / "pred.csv")
+        assert len(rows) == 150 and {r["route"] for r in rows} <= {"general", "proprietary"}
+        assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["llm_calls"] == first_requests
+        # the fake teacher's rule finds the target's anomalies (they say "exception"/"timeout"), and the
+        # distilled small model follows it
+        assert report["metrics"]["f1"] >= 0.9
+        # the template-sets the LLM was asked about carry its reason; the rest were the small model's alone
+        assert 0 < sum(bool(r["reason"]) for r in rows) < len(rows)
 
-    plain = predict(p["hdfs"], "--out", "-")
-    assert plain.startswith("session,label,score,route,route_score,reason\n") and plain.count("\n") == 151
-    assert predict(tmp_path / "h.log.gz", "--out", "-") == plain
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
-    assert predict("-", "--out", "-") == plain
-    # --idle: a session that has seen no line for N lines is complete; its id may start a new session later
-    lines = raw.decode().splitlines(keepends=True)
-    again = write(tmp_path / "again.log", "".join(lines + lines[:4]))  # blk_1000 comes back 600 lines later
-    rows = predict(again, "--out", "-", "--idle", "100").splitlines()
-    assert len(set(rows)) > 3 and len(rows) == 1 + 150 + 1 and rows[1].startswith("blk_1000,") and rows[-1].split(",")[0] == "blk_1000"
-    assert rows[1] == rows[-1]  # the same four lines again: the same row
-    rows = predict(again, "--out", "-", "--idle", "0").splitlines()  # only at the end: one blk_1000, six lines
-    assert len(rows) == 1 + 150 and sum(r.startswith("blk_1000,") for r in rows) == 1
+        # a second identical run asks the server nothing new: every answer comes from the cache
+        assert fl.main(run_args(p, tmp_path, fake.url, ["--out", str(tmp_path / "pred2.csv")])) == 0
+        assert fake.requests == first_requests
+        assert "0 new" in capsys.readouterr().out
+        assert [r["label"] for r in read_csv(tmp_path / "pred2.csv")] == [r["label"] for r in rows]
 
-
-def test_session_reader_hands_out_sessions_as_soon_as_they_are_complete():
-    reader = fl.SessionReader(fl.PRESETS["HDFS"], "h", idle=3)
-    line = "081109 203518 143 INFO dfs.DataNode: Receiving block {}".format
-    assert reader.feed([line("blk_1"), line("blk_2")]) == []
-    assert reader.feed([line("blk_2"), line("blk_2")]) == []  # line 4: blk_1 was 3 lines ago
-    assert [s for s, _, _ in reader.feed([line("blk_3")])] == ["blk_1"]  # line 5: more than 3 lines ago
-    assert [s for s, _, _ in reader.finish()] == ["blk_2", "blk_3"]
-    windows = fl.SessionReader(fl.SystemSpec("<Level> <Content>", window=2), "w")
-    assert windows.feed(["INFO a"]) == [] and windows.feed(["INFO b"]) == [("records 1-2", [0, 1], False)]
+        # predict with the saved model: no LLM, same labels
+        before = fake.requests
+        assert fl.main(["-q", "predict", "--model", str(tmp_path / "model.npz"), "--input", f"HDFS={p['hdfs']}",
+                        "--out", str(tmp_path / "again.jsonl")]) == 0
+        again = [json.loads(x) for x in (tmp_path / "again.jsonl").read_text().splitlines()]
+        assert fake.requests == before
+        assert [r["label"] for r in again] == [r["label"] for r in rows]
+    finally:
+        fake.stop()
 
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -1818,8 +1391,101 @@ def test_real_logs_bgl_openstack_to_hdfs_slice(tmp_path, capsys):
 
 
 # ====================================================================================================
-# speed paths (issue: HDFS scale): each fast path against the plain rule it replaces
+# plumbing: reading logs -- format strings, read_system, SessionReader, stdin/gzip/idle streaming, mask_many
 # ====================================================================================================
+
+HDFS_LIKE = """\
+081109 203518 143 INFO dfs.DataNode$DataXceiver: Receiving block blk_1 src: /10.0.0.1:5000 dest: /10.0.0.2:50010
+081109 203518 35 INFO dfs.FSNamesystem: BLOCK* NameSystem.allocateBlock: /user/a. blk_-2
+081109 203519 143 INFO dfs.DataNode$PacketResponder: Received block blk_1 of size 67108864 from /10.0.0.1
+this line matches no format and continues the previous record
+081109 203520 147 INFO dfs.FSNamesystem: BLOCK* ask 10.0.0.3:50010 to replicate blk_1 to datanode(s) 10.0.0.4:50010 blk_-2
+"""
+
+
+def test_compile_format_fields_and_errors():
+    r = fl.compile_format("<Date> <Time> <Level> <Component>: <Content>")
+    m = r.match("081109  203518 INFO dfs.X: hello world")
+    assert m and m.group("Component") == "dfs.X" and m.group("Content") == "hello world"
+    with pytest.raises(ValueError, match="appears twice"):
+        fl.compile_format("<Date> <Date> <Content>")
+    with pytest.raises(ValueError, match="Content"):
+        fl.compile_format("<Date> <Time>")
+
+
+def test_read_system_sessions_by_id(tmp_path):
+    s = fl.read_system(write(tmp_path / "h.log", HDFS_LIKE), fl.PRESETS["HDFS"], "HDFS")
+    assert s.ids == ["blk_1", "blk_-2"]  # first-appearance order
+    # blk_1 has lines 1, 3, the continuation (joins line 3's session) and line 5 (which names both blocks)
+    assert len(s.sequences[0]) == 4 and len(s.sequences[1]) == 2
+    assert s.stats["continuation"] == 1 and s.stats["records"] == 4
+    # the last line names both blocks: the same template id closes both sessions
+    assert s.sequences[0][-1] == s.sequences[1][-1]
+    assert all("blk_" not in t for t in s.templates)  # ids are masked out of templates
+
+
+def test_read_system_windows_with_inline_labels(tmp_path):
+    lines = [f"{'-' if i != 7 else 'FATAL'} 1117838570 2005.06.03 R02 2005-06-03-15.42.50.675872 R02 RAS KERNEL INFO event {i % 3}"
+             for i in range(10)]
+    s = fl.read_system(write(tmp_path / "b.log", "\n".join(lines) + "\n"),
+                       fl.SystemSpec(fl.PRESETS["BGL"].log_format, window=4, label_field="Label"), "BGL")
+    assert s.ids == ["records 1-4", "records 5-8"]  # the last, partial window of 2 is not a full window
+    assert s.labels.tolist() == [0, 1]
+
+
+def test_read_system_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        fl.read_system(tmp_path / "missing.log", fl.PRESETS["HDFS"])
+    with pytest.raises(ValueError, match="empty"):
+        fl.read_system(write(tmp_path / "e.log", ""), fl.PRESETS["HDFS"])
+    with pytest.raises(ValueError, match=r"matches no line; first line: 'hello'"):
+        fl.read_system(write(tmp_path / "x.log", "hello\n"), fl.PRESETS["HDFS"])
+    with pytest.raises(ValueError, match="session regex"):
+        fl.read_system(write(tmp_path / "h.log", HDFS_LIKE), fl.SystemSpec(fl.PRESETS["HDFS"].log_format, session_regex="("))
+
+
+def test_session_reader_hands_out_sessions_as_soon_as_they_are_complete():
+    reader = fl.SessionReader(fl.PRESETS["HDFS"], "h", idle=3)
+    line = "081109 203518 143 INFO dfs.DataNode: Receiving block {}".format
+    assert reader.feed([line("blk_1"), line("blk_2")]) == []
+    assert reader.feed([line("blk_2"), line("blk_2")]) == []  # line 4: blk_1 was 3 lines ago
+    assert [s for s, _, _ in reader.feed([line("blk_3")])] == ["blk_1"]  # line 5: more than 3 lines ago
+    assert [s for s, _, _ in reader.finish()] == ["blk_2", "blk_3"]
+    windows = fl.SessionReader(fl.SystemSpec("<Level> <Content>", window=2), "w")
+    assert windows.feed(["INFO a"]) == [] and windows.feed(["INFO b"]) == [("records 1-2", [0, 1], False)]
+
+
+def test_predict_reads_stdin_and_gzip_and_closes_idle_sessions(tmp_path, monkeypatch, capsys):
+    import gzip
+    import io
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
+    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=30)))
+    model.fit([web, fl.read_system(p["db"], DB_SPEC, "db")], fl.read_system(p["hdfs"], fl.PRESETS["HDFS"]))
+    model.save(tmp_path / "m.npz")
+    raw = Path(p["hdfs"]).read_bytes()
+    (tmp_path / "h.log.gz").write_bytes(gzip.compress(raw))
+
+    def predict(path, *extra):
+        assert fl.main(["-q", "predict", "--model", str(tmp_path / "m.npz"), "--input", f"HDFS={path}", *extra]) == 0
+        return capsys.readouterr().out
+
+    plain = predict(p["hdfs"], "--out", "-")
+    assert plain.startswith("session,label,score,route,route_score,reason\n") and plain.count("\n") == 151
+    assert predict(tmp_path / "h.log.gz", "--out", "-") == plain
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert predict("-", "--out", "-") == plain
+    # --idle: a session that has seen no line for N lines is complete; its id may start a new session later
+    lines = raw.decode().splitlines(keepends=True)
+    again = write(tmp_path / "again.log", "".join(lines + lines[:4]))  # blk_1000 comes back 600 lines later
+    rows = predict(again, "--out", "-", "--idle", "100").splitlines()
+    assert len(set(rows)) > 3 and len(rows) == 1 + 150 + 1 and rows[1].startswith("blk_1000,") and rows[-1].split(",")[0] == "blk_1000"
+    assert rows[1] == rows[-1]  # the same four lines again: the same row
+    rows = predict(again, "--out", "-", "--idle", "0").splitlines()  # only at the end: one blk_1000, six lines
+    assert len(rows) == 1 + 150 and sum(r.startswith("blk_1000,") for r in rows) == 1
+
+
+# ---- speed paths (issue: HDFS scale): each fast path against the plain rule it replaces ------------
 
 def test_mask_many_equals_mask_per_message():
     from router import mask_many
@@ -1985,18 +1651,351 @@ def test_session_reader_batches_never_change_the_sessions(tmp_path):
 
 
 # ====================================================================================================
-# reliability and security: bad input, LLM faults, crash-safe resume, secrets
+# plumbing: labels and metrics
 # ====================================================================================================
 
-import signal
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+def test_read_labels(tmp_path):
+    p = write(tmp_path / "l.csv", "BlockId,Label\nblk_1,Anomaly\nblk_-2,Normal\nblk_3,1\n")
+    assert fl.read_labels(p) == {"blk_1": 1, "blk_-2": 0, "blk_3": 1}
+    with pytest.raises(ValueError, match=r"l2.csv:3: unknown label 'maybe'"):
+        fl.read_labels(write(tmp_path / "l2.csv", "Id,Label\na,Normal\nb,maybe\n"))
+    with pytest.raises(ValueError, match="no header"):
+        fl.read_labels(write(tmp_path / "l3.csv", "a,Normal\n"))
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        fl.read_labels(write(tmp_path / "l4.csv", "Id,Label\na,Normal\na,Anomaly\n"))
 
-from hypothesis import given, settings, strategies as st
 
-from router import mask_many
+def test_evaluate_against_hand_counts():
+    m = fl.evaluate(np.array([1, 1, 0, 0, 0, -1]), np.array([1, 0, 1, 0, 0, 1]))
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 2, 1)
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5) and m["f1"] == pytest.approx(0.5)
+
+
+# ====================================================================================================
+# plumbing: model files -- save/load, versions, damage
+# ====================================================================================================
+
+def saved_model(tmp_path):
+    params = mm.init_params(7, (3, 2), np.random.default_rng(7))
+    config = {"hidden": [3, 2], "note": "x", "tau": 0.5}
+    path = tmp_path / "model.npz"
+    mm.save(path, params, config)
+    return path, params, config
+
+
+def test_save_load_round_trip(tmp_path):
+    path, params, config = saved_model(tmp_path)
+    loaded, cfg = mm.load(path)
+    assert_params_equal(loaded, params)
+    assert cfg == config
+    assert mm.MetaConfig.from_dict(cfg).hidden == (3, 2)
+    odd = tmp_path / "model.bin"                                      # no ".npz" appended behind our back
+    mm.save(odd, params, config)
+    assert odd.exists() and not (tmp_path / "model.bin.npz").exists()
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path, _, _ = saved_model(tmp_path)
+    data = path.read_bytes()
+    for cut in (0, 10, len(data) // 2, len(data) - 5):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="model.npz"):
+            mm.load(path)
+
+
+def test_tampered_array_is_rejected(tmp_path):
+    path, params, config = saved_model(tmp_path)
+    with zipfile.ZipFile(path) as z:                                  # rewrite a consistent zip with one edited array
+        members = {n: z.read(n) for n in z.namelist()}
+    raw = bytearray(members["W1.npy"])
+    raw[-3] ^= 0x40
+    members["W1.npy"] = bytes(raw)
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(ValueError, match="model.npz.*checksum"):
+        mm.load(path)
+    data = bytearray(saved_model(tmp_path)[0].read_bytes())          # a flipped byte inside the archive
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.npz"):
+        mm.load(path)
+
+
+def test_wrong_version_or_format_is_rejected(tmp_path):
+    params = mm.init_params(3, (2,), np.random.default_rng(8))
+    for header, match in (({"format": mm.FORMAT, "version": 1}, "format version 1; this fusionlog reads version 2"),
+                          ({"format": "other", "version": 2}, "format")):
+        header = dict(header, sha256=mm._digest(params, {}), config={})
+        path = tmp_path / "model.npz"
+        with open(path, "wb") as f:
+            np.savez(f, **params, __config__=np.array(json.dumps(header)))
+        with pytest.raises(ValueError, match=f"model.npz.*{match}"):
+            mm.load(path)
+    header = {"format": mm.FORMAT, "version": mm.VERSION, "sha256": mm._digest(params, {}), "config": {}}
+    for extra in ({"names": np.array(["a", "b"])}, {"obj": np.array([{"x": 1}], dtype=object)}):  # text; pickle
+        with open(path, "wb") as f:
+            np.savez(f, **params, **extra, __config__=np.array(json.dumps(header)))
+        with pytest.raises(ValueError, match="model.npz"):
+            mm.load(path)
+    path.write_text("not a zip at all")
+    with pytest.raises(ValueError, match="model.npz"):
+        mm.load(path)
+
+
+# ====================================================================================================
+# plumbing: the chat client -- parse_answer, label_probability, ChatClient over real HTTP, the answer cache
+# (the fake LLM server it talks to is defined above the distillation loop's tests, which need it at import time)
+# ====================================================================================================
+
+def question(*templates):
+    return [(t, i + 1) for i, t in enumerate(templates)]
+
+
+# -----------------------------------------------------------------------------
+# parse_answer and label_probability
+
+@pytest.mark.parametrize("text, label, conf", [
+    ('{"label": "anomalous", "confidence": 0.8, "reason": "x"}', 1, 0.8),
+    ('```json\n{"label": "normal", "confidence": 0.9, "reason": "ok"}\n```', 0, 0.9),
+    ('Sure! Here is {my answer}: {"label": " Anomalous ", "confidence": 1, "reason": "r"} hope it helps', 1, 1.0),
+    ('{"label": "normal", "confidence": 0}', 0, 0.0),
+])
+def test_parse_answer_tolerant(text, label, conf):
+    a = parse_answer(text)
+    assert (a.label, a.confidence, a.p_anomalous, a.cached) == (label, conf, None, False)
+
+
+@pytest.mark.parametrize("text", [
+    '{"label": "maybe", "confidence": 0.5, "reason": ""}',
+    '{"label": "normal", "confidence": 1.5, "reason": ""}',
+    '{"label": "normal", "confidence": -0.1, "reason": ""}',
+    '{"label": "normal", "confidence": NaN, "reason": ""}',
+    '{"label": "normal", "confidence": "high", "reason": ""}',
+    '{"label": "normal", "confidence": true, "reason": ""}',
+    '{"label": "normal", "reason": ""}',
+    '{"label": 1, "confidence": 0.5}',
+    "no json here", "", '["normal", 0.9]',
+])
+def test_parse_answer_rejects(text):
+    with pytest.raises(BadAnswer) as e:
+        parse_answer(text)
+    assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+
+
+def test_label_probability_formats():
+    def entry(tok, tops):
+        return {"token": tok, "logprob": math.log(dict(tops).get(tok, 0.5)), "top_logprobs":
+                [{"token": t, "logprob": math.log(q)} for t, q in tops]}
+    # the quote is glued to the value token, as BPE vocabularies often do
+    lp = {"content": [entry('{"', [('{"', 1.0)]), entry("label", [("label", 1.0)]), entry('":', [('":', 1.0)]),
+                      entry(' "an', [(' "an', 0.6), (' "normal', 0.3), (' "n', 0.06), (" null", 0.04)]),
+                      entry('omalous"}', [('omalous"}', 1.0)])]}
+    assert label_probability(lp) == pytest.approx(0.6 / 0.96)
+    legacy = {"tokens": ['{"label": "', "normal", '"}'], "token_logprobs": [0.0, math.log(0.7), 0.0],
+              "top_logprobs": [{'{"label": "': 0.0}, {"normal": math.log(0.7), "anom": math.log(0.2)}, {'"}': 0.0}]}
+    assert label_probability(legacy) is None  # /v1/completions' format: chat servers do not send it
+    assert label_probability(None) is None
+    assert label_probability({"content": [entry("hello", [("hello", 1.0)])]}) is None
+    assert label_probability({"content": "garbage"}) is None
+
+
+# -----------------------------------------------------------------------------
+# ChatClient over real HTTP
+
+def test_round_trip_payload_and_rule(fake_llm):
+    client = ChatClient(fake_llm.url, model="m1", logprobs=True)
+    a = client.answer(build_messages(question("Receiving block <*>", "Exception while serving <*>"), []))
+    b = client.answer(build_messages(question("Receiving block <*>", "Verification succeeded"), []))
+    assert (a.label, a.confidence, b.label, b.confidence) == (1, 0.95, 0, 0.9)
+    assert a.p_anomalous == pytest.approx(0.97) and b.p_anomalous == pytest.approx(0.2)
+    body = fake_llm.bodies[-1]
+    assert body["model"] == "m1" and body["temperature"] == 0 and body["stream"] is False
+    assert body["response_format"] == {"type": "json_object", "schema": distill.SCHEMA}
+    assert body["logprobs"] is True and body["top_logprobs"] == 5
+    assert fake_llm.requests == 2 and dict(client.faults) == {}
+    assert "Authorization" not in fake_llm.headers[-1]
+
+
+def test_response_formats_and_no_logprobs(fake_llm):
+    msgs = build_messages(question("a <*>"), [])
+    ChatClient(fake_llm.url, response_format="json_schema").answer(msgs)
+    rf = fake_llm.bodies[-1]["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+    assert rf["json_schema"]["schema"] == distill.SCHEMA
+    a = ChatClient(fake_llm.url, response_format="none").answer(msgs)
+    assert "response_format" not in fake_llm.bodies[-1] and "logprobs" not in fake_llm.bodies[-1]
+    assert a.p_anomalous is None
+    fake_llm.logprobs = False  # a server that ignores the request for logprobs: graceful None
+    assert ChatClient(fake_llm.url, logprobs=True).answer(msgs).p_anomalous is None
+    with pytest.raises(ValueError):
+        ChatClient(fake_llm.url, response_format="xml")
+
+
+def test_env_fallbacks(monkeypatch, fake_llm):
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm.url + "/")
+    monkeypatch.setenv("OPENAI_MODEL", "env-model")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ENV-KEY-42")
+    client = ChatClient()
+    assert (client.base_url, client.model) == (fake_llm.url, "env-model")
+    client.answer(build_messages(question("x <*>"), []))
+    assert fake_llm.headers[-1]["Authorization"] == "Bearer sk-ENV-KEY-42"
+    assert "ENV-KEY" not in repr(client) and "***" in repr(client)
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    monkeypatch.delenv("OPENAI_MODEL")
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert ChatClient().base_url == "http://127.0.0.1:8080/v1" and ChatClient().model == "local"
+    assert "api_key=None" in repr(ChatClient())
+
+
+def test_server_misbehaviour_is_a_bad_answer(fake_llm):
+    client = ChatClient(fake_llm.url, max_retries=0, max_bytes=2000)
+    msgs = build_messages(question("a <*>"), [])
+    a = client.answer(msgs)  # control
+    fake_llm.push({"content": '```json\n{"label": "anomalous", "confidence": 0.7, "reason": "r"}\n```'})
+    assert client.answer(msgs).label == 1 and a.label == 0
+    for action, kind in [({"raw": "<html>oops</html>"}, "bad_json"), ({"no_choices": True}, "bad_answer"),
+                         ({"content": '{"label": "dunno", "confidence": 0.5, "reason": ""}'}, "bad_answer"),
+                         ({"raw": "x" * 5000}, "too_large")]:
+        fake_llm.push(action)
+        with pytest.raises(BadAnswer):
+            client.answer(msgs)
+        assert client.faults[kind] >= 1
+    assert fake_llm.requests == 6  # BadAnswer is not retried: temperature 0 would say the same
+
+
+def test_retries_on_503_then_success(fake_llm):
+    waits = []
+    client = ChatClient(fake_llm.url, max_retries=3, backoff=0.5, sleep=waits.append)
+    fake_llm.push({"status": 503}, {"status": 502}, {"status": 500})
+    assert client.answer(build_messages(question("ok"), [])).label == 0
+    assert fake_llm.requests == 4 and waits == [0.5, 1.0, 2.0]
+    assert client.faults == collections.Counter({"http_503": 1, "http_502": 1, "http_500": 1})
+
+
+def test_retry_after_honoured_and_capped(fake_llm):
+    waits = []
+    client = ChatClient(fake_llm.url, max_retries=3, backoff=0.25, max_wait=5.0, sleep=waits.append)
+    fake_llm.push({"status": 429, "retry_after": "0.05"}, {"status": 503, "retry_after": "Wed, 21 Oct 2015"},
+                  {"status": 429, "retry_after": "3600"})
+    client.answer(build_messages(question("ok"), []))
+    assert waits == [0.05, 0.5, 5.0]  # seconds form honoured, HTTP-date falls back to backoff, capped
+    # and with the real sleep (tiny value)
+    fake_llm.push({"status": 429, "retry_after": "0.01"})
+    assert ChatClient(fake_llm.url, max_retries=1).answer(build_messages(question("ok2"), [])).label == 0
+    assert fake_llm.requests == 6
+
+
+def test_retries_exhausted_and_non_retryable(fake_llm):
+    client = ChatClient(fake_llm.url, max_retries=2, backoff=0.0, sleep=lambda s: None)
+    fake_llm.always = {"status": 503}
+    with pytest.raises(LLMError) as e:
+        client.answer(build_messages(question("x"), []))
+    assert fake_llm.requests == 3 and client.faults["http_503"] == 3
+    assert "\n" not in str(e.value) and fake_llm.url in str(e.value)
+    fake_llm.always = {"status": 400, "error": "unknown field"}
+    with pytest.raises(LLMError) as e:
+        client.answer(build_messages(question("y"), []))
+    assert fake_llm.requests == 4 and "HTTP 400" in str(e.value) and "unknown field" in str(e.value)
+
+
+def test_timeout_is_retried(fake_llm):
+    client = ChatClient(fake_llm.url, timeout=0.2, max_retries=1, sleep=lambda s: None)
+    fake_llm.push({"delay": 1.0})
+    assert client.answer(build_messages(question("slow <*>"), [])).label == 0
+    assert client.faults["timeout"] == 1 and fake_llm.requests == 2
+
+
+def test_a_reply_dripping_in_slower_than_the_timeout_is_a_timeout(fake_llm):
+    """Each piece arrives within the read timeout (0.25 s apart < 0.6 s), but the whole reply takes ~2.5 s:
+    the attempt's deadline ends it, and the retry gets the answer."""
+    client = ChatClient(fake_llm.url, timeout=0.6, max_retries=1, sleep=lambda s: None)
+    fake_llm.push({"drip": 0.25})
+    assert client.answer(build_messages(question("drip <*>"), [])).label == 0
+    assert client.faults["timeout"] == 1 and fake_llm.requests == 2
+    fake_llm.push({"drip": 0.01})  # a reply sent in pieces, well within the timeout, is read whole
+    assert client.answer(build_messages(question("pieces <*>"), [])).label == 0
+    assert client.faults["timeout"] == 1
+
+
+def test_api_key_sent_but_never_shown(fake_llm, tmp_path):
+    secret = "sk-SECRET-9f8e7d"
+    cache_path = tmp_path / "answers.jsonl"
+    client = ChatClient(fake_llm.url, api_key=secret, cache=AnswerCache(cache_path), max_retries=0)
+    client.answer(build_messages(question("a <*>"), []))
+    assert fake_llm.headers[-1]["Authorization"] == f"Bearer {secret}"
+    assert secret not in repr(client) and secret not in str(vars(client.cache))
+    assert secret not in cache_path.read_text()
+    fake_llm.push({"status": 401, "error": f"invalid key {secret}"})  # a server that echoes the key
+    with pytest.raises(LLMError) as e:
+        client.answer(build_messages(question("b <*>"), []))
+    assert secret not in str(e.value) and "***" in str(e.value)
+    fake_llm.push({"status": 500, "error": secret})
+    with pytest.raises(LLMError) as e:
+        client.answer(build_messages(question("c <*>"), []))
+    assert secret not in str(e.value)
+
+
+def test_connection_refused(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(LLMUnavailable) as e:
+        ChatClient(url).check()
+    assert url in str(e.value) and "\n" not in str(e.value)
+    waits = []
+    client = ChatClient(url, max_retries=2, backoff=0.1, sleep=waits.append)
+    with pytest.raises(LLMError) as e:
+        client.answer(build_messages(question("x"), []))
+    assert client.faults["connection"] == 3 and waits == [0.1, 0.2] and url in str(e.value)
+
+
+def test_check(fake_llm):
+    assert ChatClient(fake_llm.url).check() == ["fake-model"]
+    assert fake_llm.requests == 0 and fake_llm.model_requests == 1
+    fake_llm.models_404 = True  # no /models: a tiny chat call instead
+    assert ChatClient(fake_llm.url).check() == []
+    assert fake_llm.requests == 1 and fake_llm.bodies[-1]["max_tokens"] == 1
+    fake_llm.push({"status": 401})
+    with pytest.raises(LLMUnavailable) as e:
+        ChatClient(fake_llm.url).check()
+    assert "401" in str(e.value) and fake_llm.url in str(e.value)
+    # connected but busy (llama.cpp answers nothing while it serves another client): there, not down
+    fake_llm.models_404, fake_llm.models_delay = False, 0.5
+    assert ChatClient(fake_llm.url, timeout=0.1).check() == []
+
+
+# -----------------------------------------------------------------------------
+# the answer cache
+
+def test_cache_hit_makes_no_request_and_survives_a_torn_line(fake_llm, tmp_path):
+    path = tmp_path / "sub" / "answers.jsonl"
+    msgs = build_messages(question("Connection timeout <*>"), [])
+    client = ChatClient(fake_llm.url, cache=AnswerCache(path), logprobs=True)
+    first = client.answer(msgs)
+    assert not first.cached and fake_llm.requests == 1
+    again = client.answer(msgs)
+    assert again.cached and fake_llm.requests == 1
+    assert (again.label, again.confidence, again.p_anomalous) == (first.label, first.confidence, first.p_anomalous)
+    with open(path, "a") as f:  # a crash mid-write: a torn last line, then a junk line
+        f.write('{"key": "abc", "label": 1, "confid')
+    fresh = AnswerCache(path)
+    assert len(fresh) == 1 and fresh.skipped == 1
+    client2 = ChatClient(fake_llm.url, cache=fresh, logprobs=True)
+    assert client2.answer(msgs).cached and fake_llm.requests == 1
+    other = build_messages(question("Verification succeeded <*>"), [])
+    client2.answer(other)  # appended after the torn line, on a line of its own
+    assert fake_llm.requests == 2
+    reloaded = AnswerCache(path)
+    assert len(reloaded) == 2 and reloaded.skipped == 1
+    reloaded.put("odd", Answer(0, 0.5, "line\u2028separator \x85 and \u00e9"))
+    assert AnswerCache(path).get("odd").reason == "line\u2028separator \x85 and \u00e9"
+    # the key covers the model and whether logprobs were asked
+    ChatClient(fake_llm.url, cache=reloaded, model="other").answer(msgs)
+    ChatClient(fake_llm.url, cache=reloaded, logprobs=False).answer(msgs)
+    assert fake_llm.requests == 4
+
+# ====================================================================================================
+# plumbing: the CLI -- help, bad input, LLM faults, crash-safe resume, secrets, prompt injection
+# ====================================================================================================
 
 ERROR = "fusionlog: error: "
 SECRET = "sk-TEST-SECRET-5b1f0c9e"  # an API key that must never appear in any output
@@ -2009,11 +2008,30 @@ def one_error_line(capsys) -> str:
     return err[0][len(ERROR):]
 
 
+def test_help_explains_every_option(capsys):
+    for argv in (["--help"], ["run", "--help"], ["predict", "--help"]):
+        with pytest.raises(SystemExit):
+            fl.main(argv)
+        text = capsys.readouterr().out
+        for opt in re.findall(r"^\s+(--[\w-]+)", text, re.M):
+            assert re.search(re.escape(opt) + r"[^\n]*\n?\s+\S", text), opt
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert fl.main(["-q", "run", "--source", f"HDFS={tmp_path / 'nope.log'}", "--target", f"HDFS={tmp_path / 'x.log'}",
+                    "--llm-url", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.log: no such file" in err[0]
+
+
+def test_a_system_named_twice_is_an_error_not_a_silent_drop(tmp_path, capsys):
+    log = write(tmp_path / "h.log", HDFS_LIKE)
+    assert fl.main(["-q", "run", "--source", f"HDFS={log}", "--source", f"HDFS={log}",
+                    "--target", f"OpenStack={log}", "--llm-url", "none"]) == 2
+    assert "'HDFS' is given twice" in capsys.readouterr().err
+
+
 # ---- bad input: one line naming the file (and line) from the CLI, the same text from the library --------
-
-WEB_SPEC = fl.SystemSpec("<Date> <Time> <Level> <Component>: <Content>", session_regex=r"req-(\d+)")
-DB_SPEC = fl.SystemSpec("<Label> <Node> <Component> <Content>", window=5, label_field="Label")
-
 
 def spec_flags(name, spec):
     flags = ["--format", f"{name}={spec.log_format}"]
@@ -2210,6 +2228,14 @@ def test_a_target_with_no_proprietary_sessions_completes_without_asking(tmp_path
 
 # ---- LLM faults: the whole run completes, and its report counts every fault by kind ----------------------
 
+def test_cli_fails_fast_when_the_llm_is_not_there(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    assert fl.main(run_args(p, tmp_path, url)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and url in err[0] and "Traceback" not in err[0]
+
+
 STEPS = ["Receiving block {b} src: /10.0.0.{n}:5000", "BLOCK* NameSystem.allocateBlock: /user/x/part-{n}. {b}",
          "Received block {b} of size {n}000", "BLOCK* NameSystem.addStoredBlock: 10.0.0.{n}:50010 is added to {b}",
          "PacketResponder {n} for block {b} terminating", "Verification succeeded for {b}",
@@ -2372,7 +2398,9 @@ def test_log_text_is_quoted_data_and_cannot_steer_how_the_answer_is_parsed():
             parse_answer(bad)
 
 
-# ---- properties (hypothesis): arbitrary input never crashes and gives the same output every time ---------
+# ====================================================================================================
+# plumbing: properties (hypothesis): arbitrary input never crashes and gives the same output every time
+# ====================================================================================================
 
 PROPERTY = settings(max_examples=100, deadline=None, database=None, derandomize=True)
 
@@ -2426,30 +2454,8 @@ def test_any_bytes_read_as_sessions_or_a_valueerror_the_same_every_time(data, sp
         assert results[0] == results[1]
 
 
-def test_group_by_template_set_and_example_pool_by_hand():
-    # sessions 0 and 2 share the set {a, b} (in another order and with other counts); 1 and 3 are alone
-    s = fl.Sessions("x", ["a", "b", "c"], ["s0", "s1", "s2", "s3"],
-                    [np.array([0, 1]), np.array([2]), np.array([1, 0, 0]), np.array([0, 2])],
-                    np.array([1, 0, 0, 1], dtype=np.int8))
-    group, first, keys = fl.group_by_template_set(s)
-    assert group.tolist() == [0, 1, 0, 2] and first.tolist() == [0, 1, 3] and keys[0] == ("a", "b")
-    group, first, keys = fl.group_by_template_set(s, [1, 2, 3])  # a subset keeps the session indices
-    assert group.tolist() == [0, 1, 2] and first.tolist() == [1, 2, 3]
-    pool = fl.example_pool([s], [sp.identity(4, format="csr")])
-    # set {a, b}: labels 1 and 0, a tie, is normal; its example is its first session, with counts
-    assert pool.labels.tolist() == [0, 0, 1] and pool.texts[0] == [("a", 1), ("b", 1)]
-    assert pool.vecs.toarray()[:, :].tolist() == np.eye(4)[[0, 1, 3]].tolist()
-
-
-def test_a_system_named_twice_is_an_error_not_a_silent_drop(tmp_path, capsys):
-    log = write(tmp_path / "h.log", HDFS_LIKE)
-    assert fl.main(["-q", "run", "--source", f"HDFS={log}", "--source", f"HDFS={log}",
-                    "--target", f"OpenStack={log}", "--llm-url", "none"]) == 2
-    assert "'HDFS' is given twice" in capsys.readouterr().err
-
-
 # ====================================================================================================
-# bench/bench.py: the oracle_teacher diagnostic
+# plumbing: bench/bench.py: the oracle_teacher diagnostic
 # ====================================================================================================
 
 def load_bench():
@@ -2571,7 +2577,7 @@ def test_bench_scores_the_held_out_half_in_batches_and_tables_whether_they_equal
 
 
 # ====================================================================================================
-# bench/robust.py: the target's own event frequencies (LogLead's OOV_detector and RarityModel, in numpy)
+# plumbing: bench/robust.py: the target's own event frequencies (LogLead's OOV_detector and RarityModel, in numpy)
 # ====================================================================================================
 
 def load_robust():
