@@ -1388,6 +1388,13 @@ def test_real_logs_bgl_openstack_to_hdfs_slice(tmp_path, capsys):
         assert report["llm_calls"] == fake.requests > 0
     finally:
         fake.stop()
+    # a real anomalous block and a normal one, each alone in a file: labeled as in the whole slice
+    for label in ("Anomaly", "Normal"):
+        i = next(i for i, r in enumerate(rows) if r["label"] == label)
+        one = write(tmp_path / "one.log", "".join(lines_of(tmp_path / "hdfs.log", rows[i]["session"])))
+        assert fl.main(["-q", "predict", "--model", str(tmp_path / "m.npz"), "--input", f"HDFS={one}",
+                        "--out", str(tmp_path / "one.csv")]) == 0
+        assert read_csv(tmp_path / "one.csv") == [rows[i]]
 
 
 # ====================================================================================================
