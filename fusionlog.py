@@ -435,9 +435,7 @@ class SessionReader:
 
     def session_ids(self, line: str) -> list[str]:
         """The ids a line names, each once, in order (group 1 of the regex if it has groups)."""
-        ids = self.id_re.findall(line)
-        if self.id_re.groups > 1:
-            ids = [g[0] for g in ids]
+        ids = [g[0] for g in self.id_re.findall(line)] if self.id_re.groups > 1 else self.id_re.findall(line)
         return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
 
     def add_record(self, tid: int, anomalous: bool, done: list) -> None:
@@ -459,17 +457,11 @@ class SessionReader:
                 oldest = next(iter(self.open))
                 if n - self.open[oldest][1] <= self.idle:
                     break
-                done.append(self.close(oldest))
-        s = self.open.pop(sid, None) if self.idle else self.open.get(sid)
-        if s is None:
-            s = [n, n, [], False]
+                done.append((oldest, *self.open.pop(oldest)[2:]))
+        s = (self.open.pop(sid, None) if self.idle else self.open.get(sid)) or [n, n, [], False]
         s[1], s[3] = n, s[3] or anomalous
         s[2].append(tid)
         self.open[sid] = s  # (with idle: moved to the end, the most recently touched)
-
-    def close(self, sid: str) -> tuple[str, list[int], bool]:
-        _, _, tids, anomalous = self.open.pop(sid)
-        return sid, tids, anomalous
 
     def finish(self) -> list[tuple[str, list[int], bool]]:
         """End of input: every open session is complete, in order of first appearance."""
@@ -481,8 +473,7 @@ class SessionReader:
         if self.id_re is None and self.stats["records"] + self.stats["continuation"] < self.spec.window:
             raise ValueError(f"window size {self.spec.window} is larger than the log "
                              f"({self.stats['records']} records)")
-        order = sorted(self.open, key=lambda sid: self.open[sid][0])
-        return [self.close(sid) for sid in order]
+        return [(sid, *self.open.pop(sid)[2:]) for sid in sorted(self.open, key=lambda i: self.open[i][0])]
 
     def sessions(self, done: list[tuple[str, list[int], bool]]) -> Sessions:
         """Completed sessions as Sessions (sharing this reader's growing template list)."""
@@ -495,24 +486,20 @@ class SessionReader:
 def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
     """A log's lines (file, gzip file or '-' = stdin) in batches of what one read returned (whole lines,
     ~max_bytes), so a pipe's lines come through as they arrive. Bad bytes decode as U+FFFD."""
-    f = _open_binary(path)
+    f, rest, bom = _open_binary(path), b"", "\ufeff"
     try:
-        rest, first = b"", True
         while True:
             try:
                 data = f.read1(max_bytes)
             except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip file
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+            # at the end, what is left is a last line without its newline
+            head, sep, rest = (rest + data).rpartition(b"\n") if data else (rest, rest, b"")
+            if sep:
+                yield head.decode("utf-8", errors="replace").removeprefix(bom).split("\n")
+                bom = ""
             if not data:
                 break
-            head, sep, rest = (rest + data).rpartition(b"\n")
-            if sep:
-                text = head.decode("utf-8", errors="replace")
-                if first:
-                    text, first = text.removeprefix("\ufeff"), False
-                yield text.split("\n")
-        if rest:
-            yield [rest.decode("utf-8", errors="replace").removeprefix("\ufeff" if first else "")]
     finally:
         if f is not sys.stdin.buffer:
             f.close()
@@ -566,12 +553,6 @@ def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
                     None if s.labels is None else np.concatenate([b.labels for b in batches]), s.stats)
 
 
-def _open_text(path: str | os.PathLike) -> Iterable[str]:
-    """Lines of a small text file (a label file), decoding bad bytes as U+FFFD."""
-    _open_binary(path).close()  # the same clear errors
-    return open(path, encoding="utf-8-sig", errors="replace", newline=None)
-
-
 _LABEL_VALUES = {"normal": 0, "0": 0, "anomaly": 1, "anomalous": 1, "abnormal": 1, "1": 1}
 clip = distill.clip  # repr() cut to one short line, for error messages
 
@@ -580,7 +561,8 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1}; an id may repeat
     with the same label, not with both."""
     labels: dict[str, int] = {}
-    with _open_text(path) as f:
+    _open_binary(path).close()  # the same clear errors as for a log
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         rows = csv.reader(f)
         try:
             header = next(rows, None)
