@@ -423,8 +423,12 @@ class SessionReader:
         else:
             stats["records"] += 1
             anomalous = bool(self.spec.label_field) and m[self.spec.label_field] != self.spec.normal_value
-            ids = self.session_ids(line) if self.id_re is not None else []
-            if self.id_re is not None and not ids:
+            ids = self.id_re.findall(line) if self.id_re is not None else []
+            if self.id_re is not None and self.id_re.groups > 1:  # group 1 of each match
+                ids = [g[0] for g in ids]
+            if len(ids) > 1:  # each id once, in order
+                ids = list(dict.fromkeys(ids))
+            elif self.id_re is not None and not ids:
                 stats["unsessioned"] += 1
         self.prev = (ids, anomalous) if (ids or self.id_re is None) else None
         tid = self.template_ids[template]
@@ -432,11 +436,6 @@ class SessionReader:
             self.add_record(tid, anomalous, done)
         for sid in ids:
             self.add_to_session(sid, tid, anomalous, done)
-
-    def session_ids(self, line: str) -> list[str]:
-        """The ids a line names, each once, in order (group 1 of the regex if it has groups)."""
-        ids = [g[0] for g in self.id_re.findall(line)] if self.id_re.groups > 1 else self.id_re.findall(line)
-        return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
 
     def add_record(self, tid: int, anomalous: bool, done: list) -> None:
         """Windows: the record joins the window; a full window is a session (moving by `step` records)."""
@@ -510,12 +509,10 @@ def _open_binary(path: str | os.PathLike):
     if str(path) == "-":
         return sys.stdin.buffer
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a directory, not a file")
-    if not p.is_file():
-        raise ValueError(f"{p}: is not a regular file")  # a FIFO or a device (/dev/zero never ends)
+    problem = ("no such file" if not p.exists() else "is a directory, not a file" if p.is_dir() else
+               None if p.is_file() else "is not a regular file")  # a FIFO or a device (/dev/zero never ends)
+    if problem:
+        raise ValueError(f"{p}: {problem}")
     try:
         if p.stat().st_size == 0:
             raise ValueError(f"{p}: file is empty")
@@ -622,8 +619,7 @@ class _Stopwatch:
     """Seconds per named stage, for the run report."""
 
     def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self.laps, self._t = {}, time.perf_counter()
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
@@ -680,9 +676,8 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
         if base is None and name not in formats:
             raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format "
                              f"{name}=... and --session {name}=REGEX or --window {name}=SIZE")
-        spec = SystemSpec(**asdict(base)) if base else SystemSpec(formats[name])
-        if name in formats:
-            spec.log_format = formats[name]
+        spec = SystemSpec(**asdict(base or SystemSpec("")))
+        spec.log_format = formats.get(name, spec.log_format)
         if name in sessions:
             spec.session_regex, spec.window = sessions[name], 0
         if name in windows:
@@ -709,7 +704,7 @@ _READ_NOTES = [("continuation", "continuation lines"), ("unmatched", "unmatched 
 
 
 def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]:
-    systems = [(name, path) for name, path in _keyed(pairs, flag).items()]
+    systems = list(_keyed(pairs, flag).items())
     specs = _system_specs(args, systems)
     label_files = _keyed(args.labels, "--labels")
     out = []
@@ -731,20 +726,19 @@ class PredictionWriter:
     FIELDS = ["session", "label", "score", "route", "route_score", "reason"]
 
     def __init__(self, path: str):
-        self.path, self.jsonl = path, path.endswith(".jsonl")
         self.f = sys.stdout if path == "-" else open(path, "w", encoding="utf-8", newline="")
-        self.csv = None if self.jsonl else csv.DictWriter(self.f, fieldnames=self.FIELDS, lineterminator="\n")
+        self.csv = None if path.endswith(".jsonl") else csv.DictWriter(self.f, self.FIELDS,
+                                                                       lineterminator="\n")
         if self.csv:
             self.csv.writeheader()
         self.counts = dict(sessions=0, flagged=0, general=0)
 
     def write(self, pred: Predictions) -> None:
         for r in pred.rows():
-            self.f.write(json.dumps(r) + "\n") if self.jsonl else self.csv.writerow(r)
+            self.csv.writerow(r) if self.csv else self.f.write(json.dumps(r) + "\n")
         self.f.flush()
-        self.counts["sessions"] += len(pred.ids)
-        self.counts["flagged"] += int(pred.labels.sum())
-        self.counts["general"] += int(pred.general.sum())
+        for key, n in zip(self.counts, (len(pred.ids), pred.labels.sum(), pred.general.sum())):  # same order
+            self.counts[key] += int(n)
 
     def __enter__(self) -> "PredictionWriter":
         return self
@@ -786,6 +780,8 @@ def _print_rounds(report: dict) -> None:
 
 
 def cmd_run(args, progress) -> int:
+    if len(args.target) != 1:
+        raise ValueError("--target: give exactly one target system")
     config = FusionLogConfig(tau=args.tau)
     config.meta.seed = config.distill.seed = args.seed
     for knob in ("rounds", "budget", "concurrency", "margin", "budget_share"):
@@ -848,7 +844,7 @@ def cmd_predict(args, progress) -> int:
     return 0
 
 
-def cmd_presets() -> int:
+def cmd_presets(args, progress) -> int:
     for name, spec in PRESETS.items():
         grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
         label = (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)"
@@ -859,39 +855,33 @@ def cmd_presets() -> int:
 
 def _add_system_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("describing a log that is not a preset (repeat per system, keyed by NAME)")
-    g.add_argument("--labels", action="append", metavar="NAME=CSV",
-                   help="label file 'Id,Label' (Normal/Anomaly or 0/1) for system NAME; for the target it is "
-                        "used only to report precision/recall/F1")
+    g.add_argument("--labels", action="append", metavar="NAME=CSV", help="label file 'Id,Label' "
+                   "(Normal/Anomaly or 0/1); for the target, used only to report precision/recall/F1")
     g.add_argument("--format", action="append", metavar="NAME=FORMAT",
                    help="LogHub format string, e.g. '<Date> <Time> <Level> <Component>: <Content>'")
     g.add_argument("--session", action="append", metavar="NAME=REGEX",
                    help="session id regex (group 1 if any); a line belongs to every id it names")
     g.add_argument("--window", action="append", metavar="NAME=SIZE[,STEP]",
                    help="group records into fixed windows instead of ids")
-    g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]",
-                   help="inline label field (a session is anomalous if any line's value is not NORMAL, "
-                        "default '-')")
+    g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]", help="inline label "
+                   "field: a session is anomalous if a line's value is not NORMAL (default '-')")
 
 
 def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
-    """The LLM client's flags on parser (or group) `p`, but those in `skip`; `changes` maps a flag's dest
-    to the add_argument keywords a caller sets otherwise (bench: its defaults and help)."""
+    """The LLM client's flags on `p` but those in `skip`; `changes`: dest -> add_argument keywords."""
     flags = dict(
         llm_url=dict(default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
                      help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)"),
         llm_model=dict(default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)"),
         llm_key=dict(default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)"),
         response_format=dict(default="json_object_schema", choices=list(distill.RESPONSE_FORMATS),
-                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; "
-                                  "none: parse free text"),
+                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: free text"),
         logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
-                      help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
-                           "confidence than the one a small model states (0.9 on every answer); off because "
-                           "llama-cpp-python then takes ~3x longer per call; servers without them "
-                           "still work"),
+                      help="confidence from the label token's log-probability, far better than a stated one "
+                           "(0.9 on every answer); off: llama-cpp-python is then ~3x slower"),
         llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
-        llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, HTTP "
-                                                   "429/5xx); then that question is left to the small model"),
+        llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, "
+                         "HTTP 429/5xx); then the question is left to the small model"),
         llm_backoff=dict(type=float, default=1.0,
                          help="first wait before a retry, doubled each time (a server's Retry-After wins)"),
         cache=dict(default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
@@ -904,9 +894,9 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
 def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="fit on sources + target and label the target",
                          description="Fit FusionLog on labeled source logs and an unlabeled target log, "
-                                     "write one prediction per target session, save the distilled small "
-                                     "model.",
+                         "write one prediction per target session, save the distilled small model.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.set_defaults(cmd=cmd_run)
     run.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
                      help="a labeled source system (repeat for several)")
     run.add_argument("--target", action="append", required=True, metavar="NAME=PATH",
@@ -922,12 +912,10 @@ def _run_parser(sub) -> None:
     alg.add_argument("--rounds", type=int, default=d.rounds, help="max distillation rounds")
     alg.add_argument("--budget", type=int, default=d.budget, help="max LLM questions in this run")
     alg.add_argument("--concurrency", type=int, default=d.concurrency, help="LLM requests in flight")
-    alg.add_argument("--margin", type=float, default=d.margin,
-                     help="the small model is sure of a set when its score is at least this far from 0.5; "
-                          "only then may it pseudo-label a set the LLM was not asked about")
-    alg.add_argument("--budget-share", type=float, default=d.budget_share,
-                     help="ask the LLM about at most this share of the distinct proprietary template-sets, "
-                          "least sure first (1 = every set)")
+    alg.add_argument("--margin", type=float, default=d.margin, help="the small model pseudo-labels a set "
+                     "the LLM was not asked about only when its score is this far from 0.5")
+    alg.add_argument("--budget-share", type=float, default=d.budget_share, help="ask the LLM about at most "
+                     "this share of the distinct proprietary template-sets, least sure first (1 = all)")
     alg.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
 
@@ -935,15 +923,14 @@ def _predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",
                         description="Label the sessions of a log with a model saved by 'fusionlog run'.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.set_defaults(cmd=cmd_predict)
     pr.add_argument("--model", required=True, help="model file from 'fusionlog run --model-out'")
     pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
                     help="the log to label: a file, a .gz file, or '-' for standard input")
     _add_system_flags(pr)
-    pr.add_argument("--out", default="predictions.csv",
-                    help="predictions file (.csv or .jsonl; '-' = stdout)")
-    pr.add_argument("--idle", type=int, default=100_000, metavar="N",
-                    help="a session by id is complete once N lines have passed without one of its own (and "
-                         "at the end of input); 0 = only at the end of input. Windows are complete when full")
+    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv, .jsonl; '-' = stdout)")
+    pr.add_argument("--idle", type=int, default=100_000, metavar="N", help="a session by id is complete "
+                    "N lines after its last (and at the end of input; 0 = only then); windows when full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -953,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _run_parser(sub)
     _predict_parser(sub)
-    sub.add_parser("presets", help="list the built-in log formats")
+    sub.add_parser("presets", help="list the built-in log formats").set_defaults(cmd=cmd_presets)
     return parser
 
 
@@ -961,17 +948,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     progress = (lambda msg: None) if args.quiet else (lambda msg: print(f"fusionlog: {msg}", file=sys.stderr))
-    try:
-        if args.command == "run":
-            if len(args.target) != 1:
-                raise ValueError("--target: give exactly one target system")
-            return cmd_run(args, progress)
-        if args.command == "predict":
-            return cmd_predict(args, progress)
-        if args.command == "presets":
-            return cmd_presets()
+    if not hasattr(args, "cmd"):
         parser.print_help()
         return 2
+    try:
+        return args.cmd(args, progress)
     except distill.LLMUnavailable as e:  # no LLM there: say where to get one, in the same single line
         print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point "
               f"--llm-url (or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none",
