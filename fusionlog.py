@@ -395,6 +395,7 @@ class SessionReader:
     def feed(self, lines: list[str]) -> list[tuple[str, list[int], bool]]:
         """Read these lines; return the sessions they completed, as (id, template ids, anomalous)."""
         lines = [raw.strip() for raw in lines]
+        self.first_line = self.first_line or next(filter(None, lines), None)
         self.stats["replaced_chars"] += sum(map(str.count, lines, ["\ufffd"] * len(lines)))
         matches = [self.line_re.match(line) if line else None for line in lines]
         # a line that matches no format is its own content (it continues the previous record, see add_line)
@@ -412,8 +413,6 @@ class SessionReader:
     def add_line(self, line: str, m: re.Match | None, template: str, done: list) -> None:
         """One parsed line: add its template to its session(s), or to the window."""
         stats = self.stats
-        if self.first_line is None:
-            self.first_line = line
         if m is None:  # no record: a continuation (a traceback, say) joins the previous record's
             if self.prev is None:  # session(s) as an event of its own, so multi-line faults stay visible
                 stats["unmatched"] += 1
@@ -483,8 +482,7 @@ class SessionReader:
 
 
 def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """A log's lines (file, gzip file or '-' = stdin) in batches of what one read returned (whole lines,
-    ~max_bytes), so a pipe's lines come through as they arrive. Bad bytes decode as U+FFFD."""
+    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD."""
     f, rest, bom = _open_binary(path), b"", "\ufeff"
     try:
         while True:
@@ -555,8 +553,7 @@ clip = distill.clip  # repr() cut to one short line, for error messages
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
-    """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1}; an id may repeat
-    with the same label, not with both."""
+    """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1} (repeats must agree)."""
     labels: dict[str, int] = {}
     _open_binary(path).close()  # the same clear errors as for a log
     with open(path, encoding="utf-8-sig", errors="replace") as f:
@@ -586,8 +583,7 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
 
 def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.PathLike = "labels"
                   ) -> Sessions:
-    """Session labels from an id -> label map (-1 = not in it); an error naming `source` if no id is a
-    session's (the label file of another log)."""
+    """Session labels from an id -> label map (-1 = not in it); an error if none is a session's."""
     sessions.labels = np.array([labels.get(s, -1) for s in sessions.ids], dtype=np.int8)
     sessions.stats["unlabeled_sessions"] = int((sessions.labels < 0).sum())
     sessions.stats["label_ids_not_in_log"] = len(set(labels) - set(sessions.ids))
@@ -607,8 +603,7 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     known = y_true >= 0
     t, p = y_true[known] == 1, y_pred[known] == 1
-    tp, fp = int((t & p).sum()), int((~t & p).sum())
-    fn, tn = int((t & ~p).sum()), int((~t & ~p).sum())
+    tp, fp, fn, tn = (int((a & b).sum()) for a, b in ((t, p), (~t, p), (t, ~p), (~t, ~p)))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -721,8 +716,7 @@ def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]
 
 
 class PredictionWriter:
-    """Rows of predictions to a CSV file (default), JSON lines (a path ending .jsonl) or standard output
-    ('-'), flushed after every batch, so a monitor sees each session as soon as it is labeled."""
+    """Prediction rows to CSV, JSON lines (.jsonl) or stdout ('-'), flushed after every batch."""
     FIELDS = ["session", "label", "score", "route", "route_score", "reason"]
 
     def __init__(self, path: str):
@@ -748,12 +742,13 @@ class PredictionWriter:
             self.f.close()
 
 
-def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
+def _say_metrics(y_true: np.ndarray | None, y_pred: np.ndarray, say: Callable = print) -> dict | None:
     if y_true is None or not (y_true >= 0).any():
         return None
     m = evaluate(y_true, y_pred)
-    return (f"evaluation (target labels, used for nothing else): precision {m['precision']:.3f} recall "
+    say(f"evaluation (target labels, used for nothing else): precision {m['precision']:.3f} recall "
             f"{m['recall']:.3f} F1 {m['f1']:.3f} (TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']})")
+    return m
 
 
 def _client(args) -> distill.ChatClient | None:
@@ -801,10 +796,8 @@ def cmd_run(args, progress) -> int:
     _print_rounds(report)
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
-    line = _metrics_line(target.labels, pred.labels)
-    if line:
-        print(line)
-        report["metrics"] = evaluate(target.labels, pred.labels)
+    if metrics := _say_metrics(target.labels, pred.labels):
+        report["metrics"] = metrics
     report["inputs"] = {s.name: dict(s.stats) for s in sources + [target]}  # what reading saw, per system
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
@@ -838,9 +831,7 @@ def cmd_predict(args, progress) -> int:
     say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(general)}")
     say(f"predicted anomalous: {c['flagged']:,} of {c['sessions']:,} sessions -> {args.out}")
     if y_true:
-        line = _metrics_line(np.concatenate(y_true), np.concatenate(y_pred))
-        if line:
-            say(line)
+        _say_metrics(np.concatenate(y_true), np.concatenate(y_pred), say)
     return 0
 
 
