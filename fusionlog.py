@@ -359,14 +359,6 @@ def compile_format(log_format: str) -> re.Pattern:
         raise ValueError(f"log format {log_format!r}: not a valid pattern ({e})") from None
 
 
-class _Numbering(dict):
-    """A dict that numbers keys 0, 1, 2, ... in the order they are first looked up: d[new key] adds it."""
-
-    def __missing__(self, key) -> int:
-        self[key] = number = len(self)
-        return number
-
-
 class SessionReader:
     """A log's lines into sessions, handing each out once complete: a window when full, a session by id at
     the end of input or, with `idle`, that many lines after its last. Memory holds the open ones only."""
@@ -383,7 +375,7 @@ class SessionReader:
         if spec.label_field and spec.label_field not in self.line_re.groupindex:
             raise ValueError(f"label field {spec.label_field!r} is not a field of the log format "
                              f"{spec.log_format!r}")
-        self.template_ids = _Numbering()  # the template dictionary; it only grows
+        self.template_ids: dict[str, int] = {}  # the template dictionary, numbered in order; it only grows
         self.templates: list[str] = []  # ... as a list: index = template id
         self.open: dict[str, list] = {}  # session id -> [first line, last line, template ids, anomalous]
         self.window: list[tuple[int, bool]] = []  # windows: the last `window` records (template id, flag)
@@ -430,22 +422,16 @@ class SessionReader:
             elif self.id_re is not None and not ids:
                 stats["unsessioned"] += 1
         self.prev = (ids, anomalous) if (ids or self.id_re is None) else None
-        tid = self.template_ids[template]
-        if self.id_re is None:
-            self.add_record(tid, anomalous, done)
+        tid = self.template_ids.setdefault(template, len(self.template_ids))
         for sid in ids:
             self.add_to_session(sid, tid, anomalous, done)
-
-    def add_record(self, tid: int, anomalous: bool, done: list) -> None:
-        """Windows: the record joins the window; a full window is a session (moving by `step` records)."""
-        w, step = self.spec.window, self.spec.step or self.spec.window
-        self.window.append((tid, anomalous))
-        n = self.stats["records"] + self.stats["continuation"]  # records so far, continuations included
-        if len(self.window) > w:
-            del self.window[0]
-        if n >= w and (n - w) % step == 0:
-            done.append((f"records {n - w + 1}-{n}", [t for t, _ in self.window],
-                         any(f for _, f in self.window)))
+        if self.id_re is None:  # windows: the last `window` records; a full one is a session, every `step`
+            w, n = self.spec.window, stats["records"] + stats["continuation"]  # (continuations count)
+            self.window.append((tid, anomalous))
+            del self.window[:-w]
+            if n >= w and (n - w) % (self.spec.step or w) == 0:
+                done.append((f"records {n - w + 1}-{n}", [t for t, _ in self.window],
+                             any(f for _, f in self.window)))
 
     def add_to_session(self, sid: str, tid: int, anomalous: bool, done: list) -> None:
         """Sessions by id: the line joins its session; with `idle`, sessions left that long are complete."""
@@ -630,10 +616,6 @@ DEFAULT_LLM_URL = "http://127.0.0.1:8080/v1"  # where bench/local_llm.sh serves 
 HELP = """\
 FusionLog: find the anomalous sessions of a new system's logs with zero labels from it, using labeled
 logs of other systems (sources), a training-free router, a meta-learned small model and an LLM teacher.
-
-  fusionlog run      fit on sources + target, write predictions for the target, save the small model
-  fusionlog predict  label sessions with a saved model (no LLM)
-  fusionlog presets  list the built-in log formats
 
 A system is named NAME=PATH. NAME is a preset (HDFS, BGL, OpenStack, Thunderbird, Hadoop, Spark,
 Zookeeper) or your own name described with --format/--session/--window/--label-field NAME=... .
@@ -883,7 +865,8 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
 
 
 def _run_parser(sub) -> None:
-    run = sub.add_parser("run", help="fit on sources + target and label the target",
+    run = sub.add_parser("run", help="fit on sources + target, write predictions for the target, save the "
+                         "small model",
                          description="Fit FusionLog on labeled source logs and an unlabeled target log, "
                          "write one prediction per target session, save the distilled small model.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
