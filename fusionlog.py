@@ -526,10 +526,9 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
 def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
                 progress: Callable | None = None) -> Sessions:
     """A whole log as Sessions (see SessionReader)."""
-    name = name or Path(path).stem
-    batches = list(stream_sessions(path, spec, name, 0, progress))
+    batches = list(stream_sessions(path, spec, name or Path(path).stem, 0, progress))
     s = batches[-1]
-    return Sessions(name, s.templates, [i for b in batches for i in b.ids],
+    return Sessions(s.name, s.templates, [i for b in batches for i in b.ids],
                     [q for b in batches for q in b.sequences],
                     None if s.labels is None else np.concatenate([b.labels for b in batches]), s.stats)
 
@@ -604,8 +603,7 @@ class _Stopwatch:
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 3)
-        self._t = now
+        self.laps[name], self._t = round(now - self._t, 3), now
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -855,8 +853,8 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
         llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
         llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, "
                          "HTTP 429/5xx); then the question is left to the small model"),
-        llm_backoff=dict(type=float, default=1.0,
-                         help="first wait before a retry, doubled each time (a server's Retry-After wins)"),
+        llm_backoff=dict(type=float, default=1.0, help="first wait before a retry, doubled each time "
+                         "(a server's Retry-After wins)"),
         cache=dict(default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
                    help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again"))
     for dest, kw in flags.items():
@@ -877,8 +875,7 @@ def _run_parser(sub) -> None:
                      help="the new, unlabeled system to label")
     _add_system_flags(run)
     run.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
-    run.add_argument("--model-out", default="fusionlog-model.npz",
-                     help="where to save the small model ('' = don't)")
+    run.add_argument("--model-out", default="fusionlog-model.npz", help="where to save the model ('' = don't)")
     run.add_argument("--report", default=None, help="also write the run report as JSON here")
     add_llm_flags(run.add_argument_group("the LLM teacher (any OpenAI-compatible server)"))
     alg, d = run.add_argument_group("the method"), distill.DistillConfig
