@@ -875,7 +875,8 @@ def _run_parser(sub) -> None:
                      help="the new, unlabeled system to label")
     _add_system_flags(run)
     run.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
-    run.add_argument("--model-out", default="fusionlog-model.npz", help="where to save the model ('' = don't)")
+    run.add_argument("--model-out", default="fusionlog-model.npz",
+                     help="where to save the small model ('' = don't)")
     run.add_argument("--report", default=None, help="also write the run report as JSON here")
     add_llm_flags(run.add_argument_group("the LLM teacher (any OpenAI-compatible server)"))
     alg, d = run.add_argument_group("the method"), distill.DistillConfig
