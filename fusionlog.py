@@ -381,8 +381,7 @@ class SessionReader:
         self.window: list[tuple[int, bool]] = []  # windows: the last `window` records (template id, flag)
         self.stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
                           replaced_chars=0)
-        self.first_line: str | None = None
-        self.prev: tuple[list[str], bool] | None = None  # the previous record's ids and flag
+        self.first_line, self.prev = None, None  # the first non-blank line; the previous record's (ids, flag)
 
     def feed(self, lines: list[str]) -> list[tuple[str, list[int], bool]]:
         """Read these lines; return the sessions they completed, as (id, template ids, anomalous)."""
@@ -743,17 +742,6 @@ def _client(args) -> distill.ChatClient | None:
     return client
 
 
-def _print_rounds(report: dict) -> None:
-    keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
-    for r in report["rounds"]:
-        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
-              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in keys}))
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
-    failed = sum(r.get("failed", 0) for r in report["rounds"])
-    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
-          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
-
-
 def cmd_run(args, progress) -> int:
     if len(args.target) != 1:
         raise ValueError("--target: give exactly one target system")
@@ -773,7 +761,14 @@ def cmd_run(args, progress) -> int:
         model.save(args.model_out)
     print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
           f"{router.split_summary(pred.general)}")
-    _print_rounds(report)
+    keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
+    for r in report["rounds"]:
+        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
+              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in keys}))
+    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
+    failed = sum(r.get("failed", 0) for r in report["rounds"])
+    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
+          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
     if metrics := _say_metrics(target.labels, pred.labels):
