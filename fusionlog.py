@@ -493,12 +493,11 @@ def _open_binary(path: str | os.PathLike):
         return sys.stdin.buffer
     p = Path(path)
     problem = ("no such file" if not p.exists() else "is a directory, not a file" if p.is_dir() else
-               None if p.is_file() else "is not a regular file")  # a FIFO or a device (/dev/zero never ends)
+               "is not a regular file" if not p.is_file() else  # a FIFO or a device (/dev/zero never ends)
+               "file is empty" if p.stat().st_size == 0 else None)
     if problem:
         raise ValueError(f"{p}: {problem}")
     try:
-        if p.stat().st_size == 0:
-            raise ValueError(f"{p}: file is empty")
         f = open(p, "rb")
     except OSError as e:  # permissions and the like
         raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
