@@ -367,14 +367,6 @@ def compile_format(log_format: str) -> re.Pattern:
         raise ValueError(f"log format {log_format!r}: not a valid pattern ({e})") from None
 
 
-class _Numbering(dict):
-    """A dict that numbers keys 0, 1, 2, ... in the order they are first looked up: d[new key] adds it."""
-
-    def __missing__(self, key) -> int:
-        self[key] = number = len(self)
-        return number
-
-
 class SessionReader:
     """A log's lines into sessions, handing each out once complete: a window when full, a session by id at
     the end of input or, with `idle`, that many lines after its last. Memory holds the open ones only."""
@@ -391,18 +383,18 @@ class SessionReader:
         if spec.label_field and spec.label_field not in self.line_re.groupindex:
             raise ValueError(f"label field {spec.label_field!r} is not a field of the log format "
                              f"{spec.log_format!r}")
-        self.template_ids = _Numbering()  # the template dictionary; it only grows
+        self.template_ids: dict[str, int] = {}  # the template dictionary, numbered in order; it only grows
         self.templates: list[str] = []  # ... as a list: index = template id
         self.open: dict[str, list] = {}  # session id -> [first line, last line, template ids, anomalous]
         self.window: list[tuple[int, bool]] = []  # windows: the last `window` records (template id, flag)
         self.stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
                           replaced_chars=0)
-        self.first_line: str | None = None
-        self.prev: tuple[list[str], bool] | None = None  # the previous record's ids and flag
+        self.first_line, self.prev = None, None  # the first non-blank line; the previous record's (ids, flag)
 
     def feed(self, lines: list[str]) -> list[tuple[str, list[int], bool]]:
         """Read these lines; return the sessions they completed, as (id, template ids, anomalous)."""
         lines = [raw.strip() for raw in lines]
+        self.first_line = self.first_line or next(filter(None, lines), None)
         self.stats["replaced_chars"] += sum(map(str.count, lines, ["\ufffd"] * len(lines)))
         matches = [self.line_re.match(line) if line else None for line in lines]
         # a line that matches no format is its own content (it continues the previous record, see add_line)
@@ -420,8 +412,6 @@ class SessionReader:
     def add_line(self, line: str, m: re.Match | None, template: str, done: list) -> None:
         """One parsed line: add its template to its session(s), or to the window."""
         stats = self.stats
-        if self.first_line is None:
-            self.first_line = line
         if m is None:  # no record: a continuation (a traceback, say) joins the previous record's
             if self.prev is None:  # session(s) as an event of its own, so multi-line faults stay visible
                 stats["unmatched"] += 1
@@ -431,33 +421,24 @@ class SessionReader:
         else:
             stats["records"] += 1
             anomalous = bool(self.spec.label_field) and m[self.spec.label_field] != self.spec.normal_value
-            ids = self.session_ids(line) if self.id_re is not None else []
-            if self.id_re is not None and not ids:
+            ids = self.id_re.findall(line) if self.id_re is not None else []
+            if self.id_re is not None and self.id_re.groups > 1:  # group 1 of each match
+                ids = [g[0] for g in ids]
+            if len(ids) > 1:  # each id once, in order
+                ids = list(dict.fromkeys(ids))
+            elif self.id_re is not None and not ids:
                 stats["unsessioned"] += 1
         self.prev = (ids, anomalous) if (ids or self.id_re is None) else None
-        tid = self.template_ids[template]
-        if self.id_re is None:
-            self.add_record(tid, anomalous, done)
+        tid = self.template_ids.setdefault(template, len(self.template_ids))
         for sid in ids:
             self.add_to_session(sid, tid, anomalous, done)
-
-    def session_ids(self, line: str) -> list[str]:
-        """The ids a line names, each once, in order (group 1 of the regex if it has groups)."""
-        ids = self.id_re.findall(line)
-        if self.id_re.groups > 1:
-            ids = [g[0] for g in ids]
-        return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
-
-    def add_record(self, tid: int, anomalous: bool, done: list) -> None:
-        """Windows: the record joins the window; a full window is a session (moving by `step` records)."""
-        w, step = self.spec.window, self.spec.step or self.spec.window
-        self.window.append((tid, anomalous))
-        n = self.stats["records"] + self.stats["continuation"]  # records so far, continuations included
-        if len(self.window) > w:
-            del self.window[0]
-        if n >= w and (n - w) % step == 0:
-            done.append((f"records {n - w + 1}-{n}", [t for t, _ in self.window],
-                         any(f for _, f in self.window)))
+        if self.id_re is None:  # windows: the last `window` records; a full one is a session, every `step`
+            w, n = self.spec.window, stats["records"] + stats["continuation"]  # (continuations count)
+            self.window.append((tid, anomalous))
+            del self.window[:-w]
+            if n >= w and (n - w) % (self.spec.step or w) == 0:
+                done.append((f"records {n - w + 1}-{n}", [t for t, _ in self.window],
+                             any(f for _, f in self.window)))
 
     def add_to_session(self, sid: str, tid: int, anomalous: bool, done: list) -> None:
         """Sessions by id: the line joins its session; with `idle`, sessions left that long are complete."""
@@ -467,17 +448,11 @@ class SessionReader:
                 oldest = next(iter(self.open))
                 if n - self.open[oldest][1] <= self.idle:
                     break
-                done.append(self.close(oldest))
-        s = self.open.pop(sid, None) if self.idle else self.open.get(sid)
-        if s is None:
-            s = [n, n, [], False]
+                done.append((oldest, *self.open.pop(oldest)[2:]))
+        s = (self.open.pop(sid, None) if self.idle else self.open.get(sid)) or [n, n, [], False]
         s[1], s[3] = n, s[3] or anomalous
         s[2].append(tid)
         self.open[sid] = s  # (with idle: moved to the end, the most recently touched)
-
-    def close(self, sid: str) -> tuple[str, list[int], bool]:
-        _, _, tids, anomalous = self.open.pop(sid)
-        return sid, tids, anomalous
 
     def finish(self) -> list[tuple[str, list[int], bool]]:
         """End of input: every open session is complete, in order of first appearance."""
@@ -489,8 +464,7 @@ class SessionReader:
         if self.id_re is None and self.stats["records"] + self.stats["continuation"] < self.spec.window:
             raise ValueError(f"window size {self.spec.window} is larger than the log "
                              f"({self.stats['records']} records)")
-        order = sorted(self.open, key=lambda sid: self.open[sid][0])
-        return [self.close(sid) for sid in order]
+        return [(sid, *self.open.pop(sid)[2:]) for sid in sorted(self.open, key=lambda i: self.open[i][0])]
 
     def sessions(self, done: list[tuple[str, list[int], bool]]) -> Sessions:
         """Completed sessions as Sessions (sharing this reader's growing template list)."""
@@ -501,26 +475,21 @@ class SessionReader:
 
 
 def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """A log's lines (file, gzip file or '-' = stdin) in batches of what one read returned (whole lines,
-    ~max_bytes), so a pipe's lines come through as they arrive. Bad bytes decode as U+FFFD."""
-    f = _open_binary(path)
+    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD."""
+    f, rest, bom = _open_binary(path), b"", "\ufeff"
     try:
-        rest, first = b"", True
         while True:
             try:
                 data = f.read1(max_bytes)
             except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip file
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+            # at the end, what is left is a last line without its newline
+            head, sep, rest = (rest + data).rpartition(b"\n") if data else (rest, rest, b"")
+            if sep:
+                yield head.decode("utf-8", errors="replace").removeprefix(bom).split("\n")
+                bom = ""
             if not data:
                 break
-            head, sep, rest = (rest + data).rpartition(b"\n")
-            if sep:
-                text = head.decode("utf-8", errors="replace")
-                if first:
-                    text, first = text.removeprefix("\ufeff"), False
-                yield text.split("\n")
-        if rest:
-            yield [rest.decode("utf-8", errors="replace").removeprefix("\ufeff" if first else "")]
     finally:
         if f is not sys.stdin.buffer:
             f.close()
@@ -531,15 +500,12 @@ def _open_binary(path: str | os.PathLike):
     if str(path) == "-":
         return sys.stdin.buffer
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a directory, not a file")
-    if not p.is_file():
-        raise ValueError(f"{p}: is not a regular file")  # a FIFO or a device (/dev/zero never ends)
+    problem = ("no such file" if not p.exists() else "is a directory, not a file" if p.is_dir() else
+               "is not a regular file" if not p.is_file() else  # a FIFO or a device (/dev/zero never ends)
+               "file is empty" if p.stat().st_size == 0 else None)
+    if problem:
+        raise ValueError(f"{p}: {problem}")
     try:
-        if p.stat().st_size == 0:
-            raise ValueError(f"{p}: file is empty")
         f = open(p, "rb")
     except OSError as e:  # permissions and the like
         raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
@@ -566,18 +532,11 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
 def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
                 progress: Callable | None = None) -> Sessions:
     """A whole log as Sessions (see SessionReader)."""
-    name = name or Path(path).stem
-    batches = list(stream_sessions(path, spec, name, 0, progress))
+    batches = list(stream_sessions(path, spec, name or Path(path).stem, 0, progress))
     s = batches[-1]
-    return Sessions(name, s.templates, [i for b in batches for i in b.ids],
+    return Sessions(s.name, s.templates, [i for b in batches for i in b.ids],
                     [q for b in batches for q in b.sequences],
                     None if s.labels is None else np.concatenate([b.labels for b in batches]), s.stats)
-
-
-def _open_text(path: str | os.PathLike) -> Iterable[str]:
-    """Lines of a small text file (a label file), decoding bad bytes as U+FFFD."""
-    _open_binary(path).close()  # the same clear errors
-    return open(path, encoding="utf-8-sig", errors="replace", newline=None)
 
 
 _LABEL_VALUES = {"normal": 0, "0": 0, "anomaly": 1, "anomalous": 1, "abnormal": 1, "1": 1}
@@ -585,10 +544,10 @@ clip = distill.clip  # repr() cut to one short line, for error messages
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
-    """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1}; an id may repeat
-    with the same label, not with both."""
+    """A label file `Id,Label` (Normal/Anomaly or 0/1) with a header row -> {id: 0|1} (repeats must agree)."""
     labels: dict[str, int] = {}
-    with _open_text(path) as f:
+    _open_binary(path).close()  # the same clear errors as for a log
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         rows = csv.reader(f)
         try:
             header = next(rows, None)
@@ -615,8 +574,7 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
 
 def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.PathLike = "labels"
                   ) -> Sessions:
-    """Session labels from an id -> label map (-1 = not in it); an error naming `source` if no id is a
-    session's (the label file of another log)."""
+    """Session labels from an id -> label map (-1 = not in it); an error if none is a session's."""
     sessions.labels = np.array([labels.get(s, -1) for s in sessions.ids], dtype=np.int8)
     sessions.stats["unlabeled_sessions"] = int((sessions.labels < 0).sum())
     sessions.stats["label_ids_not_in_log"] = len(set(labels) - set(sessions.ids))
@@ -636,8 +594,7 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     known = y_true >= 0
     t, p = y_true[known] == 1, y_pred[known] == 1
-    tp, fp = int((t & p).sum()), int((~t & p).sum())
-    fn, tn = int((t & ~p).sum()), int((~t & ~p).sum())
+    tp, fp, fn, tn = (int((a & b).sum()) for a, b in ((t, p), (~t, p), (t, ~p), (~t, ~p)))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -648,13 +605,11 @@ class _Stopwatch:
     """Seconds per named stage, for the run report."""
 
     def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self.laps, self._t = {}, time.perf_counter()
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 3)
-        self._t = now
+        self.laps[name], self._t = round(now - self._t, 3), now
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -665,10 +620,6 @@ DEFAULT_LLM_URL = "http://127.0.0.1:8080/v1"  # where bench/local_llm.sh serves 
 HELP = """\
 FusionLog: find the anomalous sessions of a new system's logs with zero labels from it, using labeled
 logs of other systems (sources), a training-free router, a meta-learned small model and an LLM teacher.
-
-  fusionlog run      fit on sources + target, write predictions for the target, save the small model
-  fusionlog predict  label sessions with a saved model (no LLM)
-  fusionlog presets  list the built-in log formats
 
 A system is named NAME=PATH. NAME is a preset (HDFS, BGL, OpenStack, Thunderbird, Hadoop, Spark,
 Zookeeper) or your own name described with --format/--session/--window/--label-field NAME=... .
@@ -706,9 +657,8 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
         if base is None and name not in formats:
             raise ValueError(f"system {name!r} ({path}) is not a preset: describe it with --format "
                              f"{name}=... and --session {name}=REGEX or --window {name}=SIZE")
-        spec = SystemSpec(**asdict(base)) if base else SystemSpec(formats[name])
-        if name in formats:
-            spec.log_format = formats[name]
+        spec = SystemSpec(**asdict(base or SystemSpec("")))
+        spec.log_format = formats.get(name, spec.log_format)
         if name in sessions:
             spec.session_regex, spec.window = sessions[name], 0
         if name in windows:
@@ -735,7 +685,7 @@ _READ_NOTES = [("continuation", "continuation lines"), ("unmatched", "unmatched 
 
 
 def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]:
-    systems = [(name, path) for name, path in _keyed(pairs, flag).items()]
+    systems = list(_keyed(pairs, flag).items())
     specs = _system_specs(args, systems)
     label_files = _keyed(args.labels, "--labels")
     out = []
@@ -752,25 +702,23 @@ def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]
 
 
 class PredictionWriter:
-    """Rows of predictions to a CSV file (default), JSON lines (a path ending .jsonl) or standard output
-    ('-'), flushed after every batch, so a monitor sees each session as soon as it is labeled."""
+    """Prediction rows to CSV, JSON lines (.jsonl) or stdout ('-'), flushed after every batch."""
     FIELDS = ["session", "label", "score", "route", "route_score", "reason"]
 
     def __init__(self, path: str):
-        self.path, self.jsonl = path, path.endswith(".jsonl")
         self.f = sys.stdout if path == "-" else open(path, "w", encoding="utf-8", newline="")
-        self.csv = None if self.jsonl else csv.DictWriter(self.f, fieldnames=self.FIELDS, lineterminator="\n")
+        self.csv = None if path.endswith(".jsonl") else csv.DictWriter(self.f, self.FIELDS,
+                                                                       lineterminator="\n")
         if self.csv:
             self.csv.writeheader()
         self.counts = dict(sessions=0, flagged=0, general=0)
 
     def write(self, pred: Predictions) -> None:
         for r in pred.rows():
-            self.f.write(json.dumps(r) + "\n") if self.jsonl else self.csv.writerow(r)
+            self.csv.writerow(r) if self.csv else self.f.write(json.dumps(r) + "\n")
         self.f.flush()
-        self.counts["sessions"] += len(pred.ids)
-        self.counts["flagged"] += int(pred.labels.sum())
-        self.counts["general"] += int(pred.general.sum())
+        for key, n in zip(self.counts, (len(pred.ids), pred.labels.sum(), pred.general.sum())):  # same order
+            self.counts[key] += int(n)
 
     def __enter__(self) -> "PredictionWriter":
         return self
@@ -780,12 +728,13 @@ class PredictionWriter:
             self.f.close()
 
 
-def _metrics_line(y_true: np.ndarray | None, y_pred: np.ndarray) -> str | None:
+def _say_metrics(y_true: np.ndarray | None, y_pred: np.ndarray, say: Callable = print) -> dict | None:
     if y_true is None or not (y_true >= 0).any():
         return None
     m = evaluate(y_true, y_pred)
-    return (f"evaluation (target labels, used for nothing else): precision {m['precision']:.3f} recall "
+    say(f"evaluation (target labels, used for nothing else): precision {m['precision']:.3f} recall "
             f"{m['recall']:.3f} F1 {m['f1']:.3f} (TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']})")
+    return m
 
 
 def _client(args) -> distill.ChatClient | None:
@@ -800,18 +749,9 @@ def _client(args) -> distill.ChatClient | None:
     return client
 
 
-def _print_rounds(report: dict) -> None:
-    keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
-    for r in report["rounds"]:
-        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
-              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in keys}))
-    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
-    failed = sum(r.get("failed", 0) for r in report["rounds"])
-    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
-          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
-
-
 def cmd_run(args, progress) -> int:
+    if len(args.target) != 1:
+        raise ValueError("--target: give exactly one target system")
     config = FusionLogConfig(tau=args.tau)
     config.meta.seed = config.distill.seed = args.seed
     for knob in ("rounds", "budget", "concurrency", "margin", "budget_share"):
@@ -828,13 +768,18 @@ def cmd_run(args, progress) -> int:
         model.save(args.model_out)
     print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
           f"{router.split_summary(pred.general)}")
-    _print_rounds(report)
+    keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
+    for r in report["rounds"]:
+        print("round {round}: asked {asked} (cached {cached}), agreed {agreed}, disputed {disputed}, "
+              "flipped {flipped}, pseudo-labeled {pseudo_labeled}".format(**{k: r.get(k, 0) for k in keys}))
+    faults = ", ".join(f"{k} {v}" for k, v in sorted(report["llm_faults"].items())) or "none"
+    failed = sum(r.get("failed", 0) for r in report["rounds"])
+    print(f"LLM calls: {report['llm_calls']} new, {report['llm_cached']} from cache; faults: {faults}"
+          + (f"; {failed} questions failed and were left to the small model" if failed else ""))
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
-    line = _metrics_line(target.labels, pred.labels)
-    if line:
-        print(line)
-        report["metrics"] = evaluate(target.labels, pred.labels)
+    if metrics := _say_metrics(target.labels, pred.labels):
+        report["metrics"] = metrics
     report["inputs"] = {s.name: dict(s.stats) for s in sources + [target]}  # what reading saw, per system
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
@@ -868,13 +813,11 @@ def cmd_predict(args, progress) -> int:
     say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(general)}")
     say(f"predicted anomalous: {c['flagged']:,} of {c['sessions']:,} sessions -> {args.out}")
     if y_true:
-        line = _metrics_line(np.concatenate(y_true), np.concatenate(y_pred))
-        if line:
-            say(line)
+        _say_metrics(np.concatenate(y_true), np.concatenate(y_pred), say)
     return 0
 
 
-def cmd_presets() -> int:
+def cmd_presets(args, progress) -> int:
     for name, spec in PRESETS.items():
         grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
         label = (f"; inline label {spec.label_field} ('{spec.normal_value}' = normal)"
@@ -885,41 +828,35 @@ def cmd_presets() -> int:
 
 def _add_system_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("describing a log that is not a preset (repeat per system, keyed by NAME)")
-    g.add_argument("--labels", action="append", metavar="NAME=CSV",
-                   help="label file 'Id,Label' (Normal/Anomaly or 0/1) for system NAME; for the target it is "
-                        "used only to report precision/recall/F1")
+    g.add_argument("--labels", action="append", metavar="NAME=CSV", help="label file 'Id,Label' "
+                   "(Normal/Anomaly or 0/1); for the target, used only to report precision/recall/F1")
     g.add_argument("--format", action="append", metavar="NAME=FORMAT",
                    help="LogHub format string, e.g. '<Date> <Time> <Level> <Component>: <Content>'")
     g.add_argument("--session", action="append", metavar="NAME=REGEX",
                    help="session id regex (group 1 if any); a line belongs to every id it names")
     g.add_argument("--window", action="append", metavar="NAME=SIZE[,STEP]",
                    help="group records into fixed windows instead of ids")
-    g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]",
-                   help="inline label field (a session is anomalous if any line's value is not NORMAL, "
-                        "default '-')")
+    g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]", help="inline label "
+                   "field: a session is anomalous if a line's value is not NORMAL (default '-')")
 
 
 def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
-    """The LLM client's flags on parser (or group) `p`, but those in `skip`; `changes` maps a flag's dest
-    to the add_argument keywords a caller sets otherwise (bench: its defaults and help)."""
+    """The LLM client's flags on `p` but those in `skip`; `changes`: dest -> add_argument keywords."""
     flags = dict(
         llm_url=dict(default=os.environ.get("OPENAI_BASE_URL", DEFAULT_LLM_URL),
                      help="base URL ($OPENAI_BASE_URL); 'none' = no LLM (the meta-learned model alone)"),
         llm_model=dict(default=os.environ.get("OPENAI_MODEL", "local"), help="model name ($OPENAI_MODEL)"),
         llm_key=dict(default=None, help="API key (prefer $OPENAI_API_KEY; never printed or stored)"),
         response_format=dict(default="json_object_schema", choices=list(distill.RESPONSE_FORMATS),
-                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; "
-                                  "none: parse free text"),
+                             help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: free text"),
         logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
-                      help="ask for token log-probabilities: p(anomalous) of the label token is a far better "
-                           "confidence than the one a small model states (0.9 on every answer); off because "
-                           "llama-cpp-python then takes ~3x longer per call; servers without them "
-                           "still work"),
+                      help="confidence from the label token's log-probability, far better than a stated one "
+                           "(0.9 on every answer); off: llama-cpp-python is then ~3x slower"),
         llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
-        llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, HTTP "
-                                                   "429/5xx); then that question is left to the small model"),
-        llm_backoff=dict(type=float, default=1.0,
-                         help="first wait before a retry, doubled each time (a server's Retry-After wins)"),
+        llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, "
+                         "HTTP 429/5xx); then the question is left to the small model"),
+        llm_backoff=dict(type=float, default=1.0, help="first wait before a retry, doubled each time "
+                         "(a server's Retry-After wins)"),
         cache=dict(default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
                    help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again"))
     for dest, kw in flags.items():
@@ -928,11 +865,12 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
 
 
 def _run_parser(sub) -> None:
-    run = sub.add_parser("run", help="fit on sources + target and label the target",
+    run = sub.add_parser("run", help="fit on sources + target, write predictions for the target, save the "
+                         "small model",
                          description="Fit FusionLog on labeled source logs and an unlabeled target log, "
-                                     "write one prediction per target session, save the distilled small "
-                                     "model.",
+                         "write one prediction per target session, save the distilled small model.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.set_defaults(cmd=cmd_run)
     run.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
                      help="a labeled source system (repeat for several)")
     run.add_argument("--target", action="append", required=True, metavar="NAME=PATH",
@@ -948,12 +886,10 @@ def _run_parser(sub) -> None:
     alg.add_argument("--rounds", type=int, default=d.rounds, help="max distillation rounds")
     alg.add_argument("--budget", type=int, default=d.budget, help="max LLM questions in this run")
     alg.add_argument("--concurrency", type=int, default=d.concurrency, help="LLM requests in flight")
-    alg.add_argument("--margin", type=float, default=d.margin,
-                     help="the small model is sure of a set when its score is at least this far from 0.5; "
-                          "only then may it pseudo-label a set the LLM was not asked about")
-    alg.add_argument("--budget-share", type=float, default=d.budget_share,
-                     help="ask the LLM about at most this share of the distinct proprietary template-sets, "
-                          "least sure first (1 = every set)")
+    alg.add_argument("--margin", type=float, default=d.margin, help="the small model pseudo-labels a set "
+                     "the LLM was not asked about only when its score is this far from 0.5")
+    alg.add_argument("--budget-share", type=float, default=d.budget_share, help="ask the LLM about at most "
+                     "this share of the distinct proprietary template-sets, least sure first (1 = all)")
     alg.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
 
@@ -961,15 +897,14 @@ def _predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",
                         description="Label the sessions of a log with a model saved by 'fusionlog run'.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.set_defaults(cmd=cmd_predict)
     pr.add_argument("--model", required=True, help="model file from 'fusionlog run --model-out'")
     pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
                     help="the log to label: a file, a .gz file, or '-' for standard input")
     _add_system_flags(pr)
-    pr.add_argument("--out", default="predictions.csv",
-                    help="predictions file (.csv or .jsonl; '-' = stdout)")
-    pr.add_argument("--idle", type=int, default=100_000, metavar="N",
-                    help="a session by id is complete once N lines have passed without one of its own (and "
-                         "at the end of input); 0 = only at the end of input. Windows are complete when full")
+    pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv, .jsonl; '-' = stdout)")
+    pr.add_argument("--idle", type=int, default=100_000, metavar="N", help="a session by id is complete "
+                    "N lines after its last (and at the end of input; 0 = only then); windows when full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -979,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _run_parser(sub)
     _predict_parser(sub)
-    sub.add_parser("presets", help="list the built-in log formats")
+    sub.add_parser("presets", help="list the built-in log formats").set_defaults(cmd=cmd_presets)
     return parser
 
 
@@ -987,17 +922,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     progress = (lambda msg: None) if args.quiet else (lambda msg: print(f"fusionlog: {msg}", file=sys.stderr))
-    try:
-        if args.command == "run":
-            if len(args.target) != 1:
-                raise ValueError("--target: give exactly one target system")
-            return cmd_run(args, progress)
-        if args.command == "predict":
-            return cmd_predict(args, progress)
-        if args.command == "presets":
-            return cmd_presets()
+    if not hasattr(args, "cmd"):
         parser.print_help()
         return 2
+    try:
+        return args.cmd(args, progress)
     except distill.LLMUnavailable as e:  # no LLM there: say where to get one, in the same single line
         print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point "
               f"--llm-url (or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none",
