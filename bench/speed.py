@@ -37,7 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = {"parse_ratio_vs_drain3": 5.0, "e2e_seconds": 60.0, "e2e_peak_rss_mb": 1024.0}
+TARGETS = {"parse_ratio_vs_drain3": 1.5,  # issue 12: one readable reading rule, >= 1.5x Drain3
+           "e2e_seconds": 60.0, "e2e_peak_rss_mb": 1024.0}
 
 
 # ----------------------------------------------------------------------------------------------------
