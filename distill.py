@@ -426,6 +426,7 @@ RESPONSE_FORMATS = {  # the payload's part per format: llama.cpp (a grammar); Op
                                         "json_schema": {"name": "label", "schema": SCHEMA, "strict": True}}},
     "none": {}}
 RETRY_STATUS = {429, 500, 502, 503}
+RETRY_ERRORS = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
 class ChatClient:
@@ -463,9 +464,11 @@ class ChatClient:
         message = " ".join(message.split())
         return message.replace(self._api_key, "***") if self._api_key else message
 
-    def _fault(self, kind: str) -> None:
+    def _fault(self, kind: str, message: str = "", error: type = LLMError) -> LLMError:
+        """Count a fault of this kind; the error to raise, its message one line and without the API key."""
         with self._lock:
             self.faults[kind] += 1
+        return error(self._scrub(message))
 
     def _send(self, method: str, path: str, timeout: float, payload: dict | None = None) -> requests.Response:
         auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -474,22 +477,19 @@ class ChatClient:
 
     def _read_json(self, resp: requests.Response, url: str, deadline: float):
         """The reply's JSON, at most max_bytes of it, by the deadline (requests' timeout bounds one read)."""
-        chunks, size = [], 0
+        data = bytearray()
         read1 = getattr(resp.raw, "read1", None)  # urllib3 2: whatever bytes are there (iter_content waits)
         arriving = iter(lambda: read1(65536, decode_content=True), b"") if read1 else resp.iter_content(65536)
         for chunk in arriving:
             if time.monotonic() > deadline:
                 raise requests.Timeout(f"reply from {url} not complete within {self.timeout} s")
-            size += len(chunk)
-            if size > self.max_bytes:
-                self._fault("too_large")
-                raise BadAnswer(f"LLM reply from {url} exceeds {self.max_bytes} bytes")
-            chunks.append(chunk)
+            data += chunk
+            if len(data) > self.max_bytes:
+                raise self._fault("too_large", f"LLM reply from {url} over {self.max_bytes} bytes", BadAnswer)
         try:
-            return json.loads(b"".join(chunks))
+            return json.loads(bytes(data))
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            self._fault("bad_json")
-            raise BadAnswer(f"LLM reply from {url} is not JSON") from None
+            raise self._fault("bad_json", f"LLM reply from {url} is not JSON", BadAnswer) from None
 
     def _post(self, payload: dict) -> dict:
         """POST one chat request with bounded retries and exponential backoff; the decoded JSON reply."""
@@ -502,19 +502,14 @@ class ChatClient:
                         return self._read_json(resp, url, deadline)
                     kind = f"http_{resp.status_code}"
                     if resp.status_code not in RETRY_STATUS:  # 400, 401, 404...: retrying will not help
-                        self._fault(kind)
-                        snippet = next(resp.iter_content(300), b"").decode("utf-8", "replace")
-                        raise LLMError(self._scrub(f"LLM server {url} answered HTTP {resp.status_code}: "
-                                                   f"{snippet}"))
+                        body = next(resp.iter_content(300), b"").decode("utf-8", "replace")
+                        raise self._fault(kind, f"LLM server {url} answered HTTP {resp.status_code}: {body}")
                     after = resp.headers.get("Retry-After", "").strip()  # its HTTP-date form: backoff
                     wait = float(after) if re.fullmatch(r"\d+(\.\d*)?", after) else wait
-            except requests.Timeout:
-                kind = "timeout"
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
-                kind = "connection"
+            except RETRY_ERRORS as e:
+                kind = "timeout" if isinstance(e, requests.Timeout) else "connection"
             except requests.RequestException as e:  # a malformed URL and the like
-                self._fault("request")
-                raise LLMError(self._scrub(f"LLM request to {url} failed: {type(e).__name__}")) from None
+                raise self._fault("request", f"LLM request to {url} failed: {type(e).__name__}") from None
             self._fault(kind)
             if attempt < self.max_retries:
                 self._sleep(min(wait, self.max_wait))
@@ -534,16 +529,13 @@ class ChatClient:
             return hit
         payload = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens,
                    "stream": False, **RESPONSE_FORMATS[self.response_format]}
-        if self.logprobs:
-            payload.update(logprobs=True, top_logprobs=5)
-        reply = self._post(payload)
+        reply = self._post(payload | (dict(logprobs=True, top_logprobs=5) if self.logprobs else {}))
         try:
             choice = reply["choices"][0]
             ans = parse_answer(choice["message"]["content"])
         except (KeyError, IndexError, TypeError, BadAnswer) as e:
-            self._fault("bad_answer")
             why = str(e) if isinstance(e, BadAnswer) else "no choices[0].message.content"
-            raise BadAnswer(self._scrub(f"LLM reply from {self.base_url}: {why}")) from None
+            raise self._fault("bad_answer", f"LLM reply from {self.base_url}: {why}", BadAnswer) from None
         ans = replace(ans, reason=ans.reason.replace(self._api_key, "***") if self._api_key else ans.reason,
                       p_anomalous=label_probability(choice.get("logprobs")) if self.logprobs else None)
         if self.cache is not None:
@@ -583,21 +575,13 @@ def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency:
     at once, then every `every` seconds a line on how many are answered and how long the rest will take."""
     results = {g: hit for g, messages in jobs if (hit := client.cached(messages)) is not None}
     todo = [(g, messages) for g, messages in jobs if g not in results]
-
-    def one(messages):
-        try:
-            return client.answer(messages)
-        except LLMError as e:  # left to the SM; the client has counted the fault
-            return e
     start = last = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(one, messages): g for g, messages in todo}
-        for done, f in enumerate(as_completed(futures), 1):
-            results[futures[f]] = f.result()
-            now = time.monotonic()
-            if done < len(todo) and now - last >= every:
-                left = (now - start) / done * (len(todo) - done)
+        futures = {pool.submit(client.answer, messages): g for g, messages in todo}
+        for done, f in enumerate(as_completed(futures), 1):  # an LLMError is kept, others raise
+            results[futures[f]] = e if isinstance(e := f.exception(), LLMError) else f.result()
+            if done < len(todo) and (now := time.monotonic()) - last >= every:
+                left, last = (now - start) / done * (len(todo) - done), now
                 say(f"{len(results)}/{len(jobs)} answered, about "
                     f"{f'{left:.0f} s' if left < 90 else f'{left / 60:.0f} min'} left")
-                last = now
     return results
