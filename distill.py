@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 import requests
 import scipy.sparse as sp
-from requests.adapters import HTTPAdapter
 
 import router
 
@@ -74,10 +73,8 @@ def diverse_first(order: list[int], question_vecs, answered: set, budget: int, c
     V = router.l2_normalize_rows(question_vecs)
     picked, rest = [], []
     for g in order:
-        if g in answered or len(picked) >= budget or (picked and (V[picked] @ V[g].T).max() >= cap):
-            rest.append(g)
-        else:
-            picked.append(g)
+        waits = g in answered or len(picked) >= budget or (picked and (V[picked] @ V[g].T).max() >= cap)
+        (rest if waits else picked).append(g)
     return picked + rest
 
 
@@ -101,9 +98,8 @@ def format_session(templates_with_counts: list[tuple[str, int]], max_templates: 
     return "Session:\n" + ("\n".join(lines) if lines else "(no log lines)")
 
 
-def build_messages(templates_with_counts: list[tuple[str, int]],
-                   examples: list[tuple[list[tuple[str, int]], int]],
-                   max_templates: int = 20, example_templates: int = 6) -> list[dict]:
+def build_messages(templates_with_counts: list, examples: list[tuple[list, int]],
+                   max_templates=MAX_TEMPLATES, example_templates=EXAMPLE_TEMPLATES) -> list[dict]:
     """The fixed system prompt, the labeled examples as earlier turns, the question as the last user turn."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for example, label in examples:
@@ -124,8 +120,7 @@ class ExamplePool:
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        origin = np.full(len(self.labels), -1) if self.origin is None else self.origin  # -1: a source example
-        self.origin = np.asarray(origin, dtype=np.int64)
+        self.origin = np.asarray([-1] * len(self.labels) if self.origin is None else self.origin, np.int64)
         if not len(self.texts) == self.vecs.shape[0] == len(self.labels) == len(self.origin):
             raise ValueError(f"example pool: {len(self.texts)} texts, {self.vecs.shape[0]} vectors, "
                              f"{len(self.labels)} labels, {len(self.origin)} origins")
@@ -148,7 +143,7 @@ def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> l
         chosen = [int(j) for j, s in zip(idx[row], sims[row])
                   if s >= MIN_SIMILARITY and pool.origin[j] != g][:K_EXAMPLES]
         shots = [(pool.texts[j], int(pool.labels[j])) for j in reversed(chosen)]  # the closest last
-        out.append(build_messages(questions[g], shots, MAX_TEMPLATES, EXAMPLE_TEMPLATES))
+        out.append(build_messages(questions[g], shots))
     return out
 
 
@@ -244,8 +239,7 @@ def ask(client: ChatClient, want: list[int], messages: list, answers: dict, aske
     answered = [(g, m) for g, m in jobs if isinstance(results[g], Answer)]
     answers.update((g, results[g]) for g, _ in answered)
     asked_with.update((g, client.key(m)) for g, m in answered)
-    failed = len(jobs) - len(answered)
-    faults = sum(client.faults.values()) - faults
+    failed, faults = len(jobs) - len(answered), sum(client.faults.values()) - faults
     budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget - len(jobs)  # all failed: down
     return dict(asked=len(jobs), cached=n_cached, failed=failed, faults=faults), budget
 
@@ -336,8 +330,7 @@ def parse_answer(text: str) -> Answer:
             obj, end = json.JSONDecoder().raw_decode(text, m.start())
         except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             continue
-        if isinstance(obj, dict) and "label" in obj:
-            found.append(obj)
+        found += [obj] if isinstance(obj, dict) and "label" in obj else []
     if not found:
         raise BadAnswer(f"no JSON object with a label in answer {clip(text)}")
     if len({str(o["label"]).strip().lower() for o in found}) > 1:
@@ -384,7 +377,6 @@ def cache_key(model: str, messages: list[dict], logprobs: bool = False) -> str:
 
 class AnswerCache:
     """Append-only JSONL of answers by key; a torn or corrupt line is skipped (and counted), not fatal."""
-
     def __init__(self, path):
         self.path, self._answers, self._lock, self.skipped = os.fspath(path), {}, threading.Lock(), 0
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -431,7 +423,6 @@ RETRY_ERRORS = (requests.Timeout, requests.ConnectionError, requests.exceptions.
 
 class ChatClient:
     """OpenAI-compatible chat completions over one requests.Session, with retries, a deadline and a cache."""
-
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  response_format: str = "json_object_schema", timeout: float = 120.0, max_retries: int = 3,
                  backoff: float = 1.0, max_wait: float = 60.0, logprobs: bool = False, max_tokens: int = 200,
@@ -450,7 +441,7 @@ class ChatClient:
         self.max_tokens, self.max_bytes, self._sleep = max_tokens, max_bytes, sleep
         self.faults, self._lock = Counter(), threading.Lock()  # faults: kind -> count, over the client's life
         self._session = requests.Session()  # one connection pool, shared by the worker threads
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=32, max_retries=0)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=32, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
