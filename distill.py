@@ -5,11 +5,11 @@ Target sessions that resemble no source system go to a general-purpose LLM, whic
 decide what the LLM still has to look at, and the two views are fused into weighted pseudo-labels.
 Below: whom to ask, the RAG prompts, the fusion, the loop, fine-tuning with replay; then the plumbing.
 
-Departures (DEPARTURES-distill.md gives the measured effect of each): one question per distinct template-set
-(a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the stated
-confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure groups
-are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; fine-tuning
-replays source sessions and is skipped when the pseudo-labels hold one class only.
+Departures (README's "Departures from the paper" gives the measured effect of each): one question per distinct
+template-set (a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the
+stated confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure
+groups are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label;
+fine-tuning replays source sessions and is skipped when the pseudo-labels hold one class only.
 """
 from __future__ import annotations
 
@@ -128,8 +128,7 @@ class ExamplePool:
 
 def retrieve(query_vecs, pool_vecs, k: int, return_scores: bool = False):
     """Indices (q, min(k, p)) of the pool rows most similar to each query, best first (and the cosines)."""
-    unit = router.l2_normalize_rows
-    idx, scores = router.most_similar(unit(query_vecs), unit(pool_vecs), k)
+    idx, scores = router.most_similar(*map(router.l2_normalize_rows, (query_vecs, pool_vecs)), k)
     return (idx, scores) if return_scores else idx
 
 
@@ -275,8 +274,7 @@ def with_replay(X, y, w, replay, rng: np.random.Generator) -> tuple:
         return X, y, w
     m = min(len(replay[1]), int(round(REPLAY_RATIO * len(y))))
     pick = np.sort(rng.choice(len(replay[1]), size=m, replace=False))
-    X_rep = replay[0][pick]
-    X = sp.vstack([X, X_rep]).tocsr() if sp.issparse(X) else np.vstack([X, X_rep])
+    X = sp.vstack([X, replay[0][pick]]).tocsr() if sp.issparse(X) else np.vstack([X, replay[0][pick]])
     return X, np.concatenate([y, np.asarray(replay[1])[pick]]), np.concatenate([w, np.ones(m)])
 
 
@@ -313,8 +311,7 @@ class Answer:
 
 def clip(value, n: int = 60) -> str:
     """repr() of a value cut to one short line, for error messages."""
-    s = repr(value)
-    return s if len(s) <= n else s[: n - 3] + "..."
+    return s if len(s := repr(value)) <= n else s[: n - 3] + "..."
 
 
 def parse_answer(text: str) -> Answer:
