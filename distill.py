@@ -103,11 +103,10 @@ def build_messages(templates_with_counts: list, examples: list[tuple[list, int]]
     """The fixed system prompt, the labeled examples as earlier turns, the question as the last user turn."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for example, label in examples:
-        messages.append({"role": "user", "content": format_session(example, example_templates)})
-        messages.append({"role": "assistant", "content": json.dumps(
-            {"label": LABEL_NAMES[int(label)], "confidence": 1.0, "reason": "labeled example"})})
-    messages.append({"role": "user", "content": format_session(templates_with_counts, max_templates)})
-    return messages
+        messages += [{"role": "user", "content": format_session(example, example_templates)},
+                     {"role": "assistant", "content": json.dumps(
+                         {"label": LABEL_NAMES[int(label)], "confidence": 1.0, "reason": "labeled example"})}]
+    return messages + [{"role": "user", "content": format_session(templates_with_counts, max_templates)}]
 
 
 @dataclass
@@ -536,19 +535,16 @@ class ChatClient:
         try:
             with self._send("GET", "/models", timeout) as r:
                 if (status := r.status_code) == 200:
-                    try:
-                        models = self._read_json(r, url, time.monotonic() + timeout)["data"]
-                        return [str(m["id"]) for m in models]
-                    except (LLMError, KeyError, TypeError):
-                        return []  # reachable; the model list is only informative
+                    models = self._read_json(r, url, time.monotonic() + timeout)["data"]
+                    return [str(m["id"]) for m in models]
             if status == 404:  # some servers have no /models: a tiny chat instead
                 ping = {"model": self.model, "messages": [{"role": "user", "content": "ping"}],
                         "max_tokens": 1, "temperature": 0}
                 with self._send("POST", "/chat/completions", timeout, ping) as r:
                     if (status := r.status_code) == 200:
                         return []
-        except requests.ReadTimeout:  # connected, but busy (llama.cpp answers nothing while serving another)
-            return []
+        except (requests.ReadTimeout, LLMError, KeyError, TypeError):  # reachable: busy (llama.cpp is silent
+            return []  # while serving another), or its model list unusable (that list is only informative)
         except requests.Timeout:
             raise LLMUnavailable(f"LLM server at {url} did not answer within {timeout:g} s") from None
         except requests.RequestException as e:
