@@ -443,16 +443,12 @@ class ChatClient:
                 f"api_key={'***' if self._api_key else None}, response_format={self.response_format!r}, "
                 f"logprobs={self.logprobs})")
 
-    def _scrub(self, message: str) -> str:
-        """One line, without the API key even if a server echoed it."""
-        message = " ".join(message.split())
-        return message.replace(self._api_key, "***") if self._api_key else message
-
     def _fault(self, kind: str, message: str = "", error: type = LLMError) -> LLMError:
-        """Count a fault of this kind; the error to raise, its message one line and without the API key."""
+        """Count a fault of this kind; the error to raise, one line, without the API key (even if echoed)."""
         with self._lock:
             self.faults[kind] += 1
-        return error(self._scrub(message))
+        message = " ".join(message.split())
+        return error(message.replace(self._api_key, "***") if self._api_key else message)
 
     def _send(self, method: str, path: str, timeout: float, payload: dict | None = None) -> requests.Response:
         auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -494,11 +490,11 @@ class ChatClient:
                 kind = "timeout" if isinstance(e, requests.Timeout) else "connection"
             except requests.RequestException as e:  # a malformed URL and the like
                 raise self._fault("request", f"LLM request to {url} failed: {type(e).__name__}") from None
-            self._fault(kind)
             if attempt < self.max_retries:
+                self._fault(kind)
                 self._sleep(min(wait, self.max_wait))
-        raise LLMError(self._scrub(f"LLM request to {url} failed after {self.max_retries + 1} attempts "
-                                   f"(last: {kind})"))
+        raise self._fault(kind, f"LLM request to {url} failed after {self.max_retries + 1} attempts "
+                                f"(last: {kind})")
 
     def key(self, messages: list[dict]) -> str:
         return cache_key(self.model, messages, self.logprobs)
