@@ -858,12 +858,12 @@ def test_retrieve_matches_direct_cosine():
     Qd, Pd = Q.toarray(), P.toarray()
     qn, pn = np.linalg.norm(Qd, axis=1, keepdims=True), np.linalg.norm(Pd, axis=1, keepdims=True)
     cos = (Qd / np.where(qn > 0, qn, 1)) @ (Pd / np.where(pn > 0, pn, 1)).T
-    idx, scores = retrieve(Q, P, 5, return_scores=True)
+    idx, scores = retrieve(Q, P, 5)
     assert idx.shape == (7, 5)
     for i in range(7):
         assert np.allclose(scores[i], np.sort(cos[i])[::-1][:5], atol=1e-12)
         assert np.allclose(cos[i, idx[i]], scores[i], atol=1e-12)
-    assert retrieve(Q, P[:3], 10).shape == (7, 3)
+    assert retrieve(Q, P[:3], 10)[0].shape == (7, 3)
     with pytest.raises(ValueError):
         retrieve(Q, P[:, :5], 2)
 
