@@ -7,7 +7,9 @@ Protocol. The target's sessions are ordered by first appearance. FusionLog fits 
 every LLM call, distillation); the metrics are on the second half, which no LLM and no fit saw. The
 transductive numbers fit and score on all of the target. Target labels are read only to score. fusionlog's
 held-out half is also scored in consecutive batches of 1, 10 and 100 sessions: a session's label and score
-must not depend on what else is in the batch (issue 11), so each must equal the one-batch result.
+must not depend on what else is in the batch (issue 11), so each must equal the one-batch result. fusionlog
+also runs again with k = 1..3 of its LLM answers flipped (--flips, --flip-trials): the F1 range says how much
+its F1 hangs on a few answers another machine's LLM may give the other way (issue 13).
 
 Systems, all scored with precision / recall / F1 of the anomalous class on the same sessions:
     fusionlog         the full method (router -> meta-learned small model -> LLM <-> SM distillation)
@@ -492,6 +494,7 @@ def run_target(args, target_name: str) -> dict:
             if args.spread_seeds and system not in SEED_FREE:
                 spread_seeds(args, m, run)
             seeds = f"seeds {', '.join(m['f1_by_seed'])}: {spread(m)}; " if "f1_by_seed" in m else ""
+            seeds += f"answers flipped: {flipped(m)}; " if "flips" in m else ""
             say(f"{tag}: {system}: P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
                 f"({seeds}{m['seconds']:.1f}s" + (f", {m['oracle_answers']} oracle answers" if "oracle_answers" in m
                                                   else f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
@@ -726,8 +729,9 @@ def render_md(results: dict) -> str:
               "LLM questions asked (of them, new calls this run; the rest came from the answer cache) by "
               f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
               "fit, by `llm_only` (one per distinct template-set it labels) and by all systems of the run "
-              "together (other seeds' runs included); the number of distinct proprietary template-sets of the "
-              "fit half (the ceiling on useful questions); the LLM's latency (`llm_only` wall time per new call); seconds per stage of the "
+              "together (other seeds' and flipped-answer runs included); the number of distinct proprietary "
+              "template-sets of the fit half (the ceiling on useful questions); the LLM's latency (`llm_only` "
+              "wall time per new call); seconds per stage of the "
               "inductive FusionLog fit; peak RSS of the whole target run (all systems, scikit-learn included) "
               "and of FusionLog alone (before the peers ran).", "",
               "| target | FusionLog questions (new) | distinct proprietary sets | llm_only questions (new) | "
@@ -824,7 +828,9 @@ def parse_args(argv=None):
     p.add_argument("--flips", default="1,2,3", metavar="KS",
                    help="comma-separated k: fusionlog runs again with k of the answers its run got flipped, "
                         "--flip-trials times per k, and RESULTS.md gives its F1 range ('' = none)")
-    p.add_argument("--flip-trials", type=int, default=5, metavar="N", help="runs per k of --flips")
+    p.add_argument("--flip-trials", type=int, default=None, metavar="N",
+                   help="runs per k of --flips (default 5; 1 with --llm-url fake, whose dry run checks the "
+                        "harness)")
     p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit and score every system on all of the target")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
@@ -836,8 +842,6 @@ def parse_args(argv=None):
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.spread_seeds = int_list(p, "--spread-seeds", args.spread_seeds)
     args.flips = int_list(p, "--flips", args.flips)
-    if any(k < 1 for k in args.flips) or args.flip_trials < 1:
-        p.error("--flips and --flip-trials: counts of at least 1")
     args.spread_seeds = [x for x in dict.fromkeys(args.spread_seeds) if x != args.seed]
     for s in args.systems:
         if s not in SYSTEMS:
@@ -850,6 +854,10 @@ def parse_args(argv=None):
         args.llm_model = FAKE_MODEL if fake else "local"
     if args.cache is None:
         args.cache = str(ROOT / "bench" / ".cache" / ("fake-answers.jsonl" if fake else "answers.jsonl"))
+    if args.flip_trials is None:
+        args.flip_trials = 1 if fake else 5
+    if any(k < 1 for k in args.flips) or args.flip_trials < 1:
+        p.error("--flips and --flip-trials: counts of at least 1")
     return args
 
 
