@@ -730,8 +730,8 @@ def render_md(results: dict) -> str:
               f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
               "fit, by `llm_only` (one per distinct template-set it labels) and by all systems of the run "
               "together (other seeds' and flipped-answer runs included); the number of distinct proprietary "
-              "template-sets of the fit half (the ceiling on useful questions); the LLM's latency (`llm_only` "
-              "wall time per new call); seconds per stage of the "
+              "template-sets of the fit half (the ceiling on useful questions); the LLM's latency "
+              "(`llm_only` wall time per new call); seconds per stage of the "
               "inductive FusionLog fit; peak RSS of the whole target run (all systems, scikit-learn included) "
               "and of FusionLog alone (before the peers ran).", "",
               "| target | FusionLog questions (new) | distinct proprietary sets | llm_only questions (new) | "
