@@ -2615,3 +2615,53 @@ def test_robust_new_event_flags_sessions_with_a_rare_event_and_rarity_ranks_rare
     s = rarity.score(scored)
     assert s[0] == 0 and s[3] > s[1] > s[0] and s[2] > s[3]  # never seen weighs twice the rarest seen
     assert rarity.predict(scored).tolist() == [0, 1, 1, 1]   # threshold 10: one rare event in 2 common ones
+
+
+# ====================================================================================================
+# plumbing: bench/bench.py's flipped answers (issue 13, item 3): FlipClient and the F1 range it gives
+# ====================================================================================================
+
+def test_bench_flip_client_flips_exactly_the_given_keys_records_what_it_answered_and_ranges_f1():
+    bench = load_bench()
+
+    class Stub:  # a client's shape: question "qN" -> label N % 2; "q1" is cached, the others asked
+        model, faults = "stub", collections.Counter(x=1)
+
+        def key(self, messages):
+            return "k:" + messages[-1]["content"]
+
+        def cached(self, messages):
+            hit = messages[-1]["content"] == "q1"
+            return Answer(1, 0.7, "hit", p_anomalous=0.75, cached=True) if hit else None
+
+        def answer(self, messages):
+            return self.cached(messages) or Answer(int(messages[-1]["content"][1:]) % 2, 0.6, "asked")
+
+    ask = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    plain, flip = bench.FlipClient(Stub()), bench.FlipClient(Stub(), {"k:q1", "k:q2", "k:never-asked"})
+    assert (flip.model, flip.faults, flip.key(ask[0])) == ("stub", {"x": 1}, "k:q0")  # the wrapped client's
+    assert flip.cached(ask[0]) is None and flip.asked == set()  # no answer: nothing recorded
+    got = {c: dict(sorted(distill.ask_all(c, list(enumerate(ask)), 2).items())) for c in (plain, flip)}
+    assert [a.label for a in got[plain].values()] == [0, 1, 0, 1]
+    assert [a.label for a in got[flip].values()] == [0, 0, 1, 1]  # q1, q2 flipped; nothing else
+    assert got[flip][1] == Answer(0, 0.7, "hit", p_anomalous=0.25, cached=True)  # same confidence and reason
+    assert got[flip][2] == Answer(1, 0.6, "asked") and got[flip][3] == got[plain][3]
+    assert plain.asked == flip.asked == {"k:q0", "k:q1", "k:q2", "k:q3"}
+
+    args = bench.parse_args(["--llm-url", "none", "--flips", "1,2,5", "--flip-trials", "2"])
+    runs = []
+
+    def run(keys):  # F1 tells how many were flipped
+        runs.append(keys)
+        return {"f1": 0.9 - len(keys) / 10, "llm_calls": 1, "llm_cached": 2}
+    m = {"f1": 0.9, "llm_calls": 3, "llm_cached": 0}
+    bench.flip_answers(args, m, flip.asked, run)
+    assert m["flips"] == {"1": [0.8, 0.8], "2": [0.7, 0.7]}  # k = 5 > the 4 questions asked: skipped
+    assert m["llm_calls_flips"] == 4 and m["llm_cached_flips"] == 8
+    assert [len(keys) for keys in runs] == [1, 1, 2, 2] and set().union(*runs) <= flip.asked
+    again = []
+    bench.flip_answers(args, dict(m), flip.asked, lambda keys: again.append(keys) or {"f1": 0.5})
+    assert again == runs  # seeded by the seed, k and the trial
+    assert bench.flipped(m) == "0.700–0.800" and bench.flipped({"f1": 0.5}) == "-"
+    r = {"systems": {"fusionlog": m}, "transductive": {}}
+    assert bench.flips_header({"targets": {"HDFS": r}}) == "F1 with k = 1..2 answers flipped"

@@ -7,7 +7,9 @@ Protocol. The target's sessions are ordered by first appearance. FusionLog fits 
 every LLM call, distillation); the metrics are on the second half, which no LLM and no fit saw. The
 transductive numbers fit and score on all of the target. Target labels are read only to score. fusionlog's
 held-out half is also scored in consecutive batches of 1, 10 and 100 sessions: a session's label and score
-must not depend on what else is in the batch (issue 11), so each must equal the one-batch result.
+must not depend on what else is in the batch (issue 11), so each must equal the one-batch result. fusionlog
+also runs again with k = 1..3 of its LLM answers flipped (--flips, --flip-trials): the F1 range says how much
+its F1 hangs on a few answers another machine's LLM may give the other way (issue 13).
 
 Systems, all scored with precision / recall / F1 of the anomalous class on the same sessions:
     fusionlog         the full method (router -> meta-learned small model -> LLM <-> SM distillation)
@@ -34,6 +36,7 @@ scikit-learn is a peer, not a dependency: it comes with the optional `bench` ext
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -191,6 +194,37 @@ class OracleClient:
         return distill.Answer(label, 0.9, "oracle")
 
 
+class FlipClient:
+    """A client (distill.ChatClient, or OracleClient: the same shape) that answers as the one it wraps, except
+    that the answers to the question keys in `flip` come back with the other label (same confidence and
+    reason; p_anomalous, if given, as 1 - p); `asked` records the key of every question it answered."""
+
+    def __init__(self, client, flip=()):
+        self.client, self.flip, self.asked = client, frozenset(flip), set()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)  # model, faults, key, ...: the wrapped client's
+
+    def _seen(self, messages: list[dict], ans: distill.Answer | None) -> distill.Answer | None:
+        """The wrapped client's answer, recorded, and flipped if its key is one of `flip`."""
+        if ans is None:
+            return None
+        key = self.client.key(messages)
+        with self._lock:
+            self.asked.add(key)
+        if key not in self.flip:
+            return ans
+        p = None if ans.p_anomalous is None else 1.0 - ans.p_anomalous
+        return dataclasses.replace(ans, label=1 - ans.label, p_anomalous=p)
+
+    def cached(self, messages: list[dict]) -> distill.Answer | None:
+        return self._seen(messages, self.client.cached(messages))
+
+    def answer(self, messages: list[dict]) -> distill.Answer:
+        return self._seen(messages, self.client.answer(messages))
+
+
 def score_in_batches(model: fl.FusionLog, test: fl.Sessions, whole: fl.Predictions) -> list[dict]:
     """Score `test` again in consecutive batches of each of BATCH_SIZES sessions: per size the flagged count,
     F1, whether every session's label and score equal the one-batch result, and the largest score difference."""
@@ -209,10 +243,11 @@ def score_in_batches(model: fl.FusionLog, test: fl.Sessions, whole: fl.Predictio
 
 
 def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: int | None = None,
-                  batches: bool = False) -> dict:
+                  batches: bool = False, client=None) -> dict:
+    """One FusionLog system fitted on `fit`, scored on `test`; `client` (default: the system's) answers."""
     config = make_config(system, args.seed if seed is None else seed)
-    if system == "sm_only":
-        client = None
+    if client is not None or system == "sm_only":
+        pass
     elif system == "oracle_teacher":
         client = OracleClient(fit, distill.MAX_TEMPLATES)
     else:
@@ -352,27 +387,56 @@ def run_peer(system: str, fit: fl.Sessions, test: fl.Sessions, seed: int) -> dic
     return out
 
 
+RERUNS = ("other_seeds", "flips")  # m["llm_calls_<rerun>"]: the LLM questions a system's further runs asked
+
+
+def count_calls(m: dict, runs: list[dict], rerun: str) -> None:
+    """m gets the LLM questions (new and cached) its further runs `runs` asked, under llm_calls_<rerun>."""
+    if "llm_calls" in m:
+        m[f"llm_calls_{rerun}"] = sum(r.get("llm_calls", 0) for r in runs)
+        m[f"llm_cached_{rerun}"] = sum(r.get("llm_cached", 0) for r in runs)
+
+
 def spread_seeds(args, m: dict, run: Callable[[int], dict]) -> None:
     """Run a system again with each of --spread-seeds (run(seed) -> its metrics); m gets its F1 per seed
     (its own seed first) and the LLM questions those runs asked. One seed's F1 can be luck: the spread
     says how much."""
-    m["f1_by_seed"] = {str(args.seed): m["f1"]}
-    calls = cached = 0
-    for seed in args.spread_seeds:
-        other = run(seed)
-        m["f1_by_seed"][str(seed)] = other["f1"]
-        calls += other.get("llm_calls", 0)
-        cached += other.get("llm_cached", 0)
-    if "llm_calls" in m:
-        m.update(llm_calls_other_seeds=calls, llm_cached_other_seeds=cached)
+    runs = [run(seed) for seed in args.spread_seeds]
+    m["f1_by_seed"] = {str(seed): r["f1"] for seed, r in zip([args.seed, *args.spread_seeds], [m, *runs])}
+    count_calls(m, runs, "other_seeds")
+
+
+def flip_answers(args, m: dict, keys, run: Callable[[frozenset], dict]) -> None:
+    """Run a system again with k of its run's answers flipped (run(keys to flip) -> its metrics), for each k
+    of --flips, --flip-trials times, the k drawn from `keys` (the questions it asked) at random, seeded by
+    the seed, k and the trial; m gets the F1s by k and those runs' LLM questions. A teacher on another
+    machine flips a few answers: the spread says how much F1 hangs on them."""
+    keys, runs = sorted(keys), []
+    m["flips"] = {}
+    for k in (k for k in args.flips if k <= len(keys)):
+        for trial in range(args.flip_trials):
+            flip = np.random.default_rng([args.seed, k, trial]).choice(len(keys), size=k, replace=False)
+            runs.append(run(frozenset(keys[i] for i in flip)))
+            m["flips"].setdefault(str(k), []).append(runs[-1]["f1"])
+    count_calls(m, runs, "flips")
+
+
+def f1_range(f1s: list[float]) -> str:
+    """'min-max' of F1s ('0.914' when they agree), '-' when there are none."""
+    if not f1s:
+        return "-"
+    lo, hi = min(f1s), max(f1s)
+    return f"{lo:.3f}" if round(lo, 3) == round(hi, 3) else f"{lo:.3f}–{hi:.3f}"
 
 
 def spread(m: dict | None) -> str:
-    """'min-max' of a system's F1 over seeds ('0.914' when they agree), '-' when it was not run."""
-    if not m or "f1_by_seed" not in m:
-        return "-"
-    lo, hi = min(m["f1_by_seed"].values()), max(m["f1_by_seed"].values())
-    return f"{lo:.3f}" if round(lo, 3) == round(hi, 3) else f"{lo:.3f}–{hi:.3f}"
+    """The range of a system's F1 over seeds, '-' when it was not run with several."""
+    return f1_range(list((m or {}).get("f1_by_seed", {}).values()))
+
+
+def flipped(m: dict | None) -> str:
+    """The range of a system's F1 over every run with answers flipped, '-' when it had none."""
+    return f1_range([f for f1s in (m or {}).get("flips", {}).values() for f in f1s])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,7 +473,7 @@ def run_target(args, target_name: str) -> dict:
     for protocol, fit_part, test_part, into in protocols:
         tag = f"{target_name} {protocol}"
         for system in systems:
-            def run(seed: int, system=system, fit_part=fit_part, test_part=test_part, tag=tag,
+            def run(seed: int, client=None, system=system, fit_part=fit_part, test_part=test_part, tag=tag,
                     protocol=protocol) -> dict:
                 if system in ("isolation_forest", "pca"):
                     return run_peer(system, fit_part, test_part, seed)
@@ -418,12 +482,19 @@ def run_target(args, target_name: str) -> dict:
                 shown = tag if seed == args.seed else f"{tag} seed {seed}"
                 batches = protocol == "inductive" and system == "fusionlog" and seed == args.seed
                 return run_fusionlog(system, args, cache, sources, fit_part, test_part, shown, seed=seed,
-                                     batches=batches)
+                                     batches=batches, client=client)
             say(f"{tag}: {system}")
-            m = into[system] = run(args.seed)
+            recorder = FlipClient(make_client(args, cache)) if system == "fusionlog" and args.flips else None
+            m = into[system] = run(args.seed, client=recorder)
+            if recorder is not None:
+                flip_answers(args, m, recorder.asked, lambda flip, system=system, fit_part=fit_part,
+                             test_part=test_part, tag=tag: run_fusionlog(
+                                 system, args, cache, sources, fit_part, test_part, f"{tag} flipped",
+                                 client=FlipClient(make_client(args, cache), flip)))
             if args.spread_seeds and system not in SEED_FREE:
                 spread_seeds(args, m, run)
             seeds = f"seeds {', '.join(m['f1_by_seed'])}: {spread(m)}; " if "f1_by_seed" in m else ""
+            seeds += f"answers flipped: {flipped(m)}; " if "flips" in m else ""
             say(f"{tag}: {system}: P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
                 f"({seeds}{m['seconds']:.1f}s" + (f", {m['oracle_answers']} oracle answers" if "oracle_answers" in m
                                                   else f", {m['llm_calls']} LLM calls, {m['llm_cached']} cached"
@@ -440,11 +511,11 @@ def run_target(args, target_name: str) -> dict:
     res["seconds"] = {"read_parse": read_seconds, "embed_route": stages.get("embed_route"),
                       "meta_train": stages.get("meta_train"), "distill": stages.get("distill"),
                       "predict": main.get("predict_seconds")}
-    res["llm_calls_all_systems"] = sum(m.get("llm_calls", 0) + m.get("llm_calls_other_seeds", 0)
-                                       for part in (res["systems"], res["transductive"]) for m in part.values())
-    res["llm_cached_all_systems"] = sum(m.get("llm_cached", 0) + m.get("llm_cached_other_seeds", 0)
-                                        for part in (res["systems"], res["transductive"])
-                                        for m in part.values() if "llm_calls" in m)
+    for what in ("calls", "cached"):  # every run's questions: each system's own run and its reruns
+        res[f"llm_{what}_all_systems"] = sum(m.get(f"llm_{what}{part}", 0)
+                                             for p in (res["systems"], res["transductive"])
+                                             for m in p.values() if "llm_calls" in m
+                                             for part in ("", *(f"_{r}" for r in RERUNS)))
     res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     res["peak_rss_mb_fusionlog"] = None if rss_fusionlog is None else round(rss_fusionlog, 1)
     return res
@@ -536,6 +607,7 @@ def child_argv(args, target: str, out: str) -> list[str]:
             "--response-format", args.response_format, "--cache", args.cache, "--seed", str(args.seed),
             "--llm-timeout", str(args.llm_timeout),
             "--spread-seeds", ",".join(map(str, args.spread_seeds)),
+            "--flips", ",".join(map(str, args.flips)), "--flip-trials", str(args.flip_trials),
             "--systems", ",".join(args.systems),
             "--logprobs" if args.logprobs else "--no-logprobs",
             "--transductive" if args.transductive else "--no-transductive"]
@@ -578,8 +650,28 @@ def batch_table(m: dict, n: int) -> list[str]:
     return lines
 
 
+def flips_header(results: dict) -> str:
+    """The flip columns' header, 'F1 with k = 1..3 answers flipped' ('' when the run flipped no answer)."""
+    ks = sorted({int(k) for r in results["targets"].values() for p in ("systems", "transductive")
+                 for k in r.get(p, {}).get("fusionlog", {}).get("flips", {})})
+    contiguous = len(ks) > 1 and ks == list(range(ks[0], ks[-1] + 1))
+    return f"F1 with k = {f'{ks[0]}..{ks[-1]}' if contiguous else ','.join(map(str, ks))} answers flipped" \
+        if ks else ""
+
+
+def table_columns(seeds: str, flips: str) -> list[tuple[str, Callable]]:
+    """A target table's columns after precision and recall, as (header, cell(m, m transductive)); the seed and
+    flip ranges only when the run has them."""
+    cols = [("F1", lambda m, tr: f"{m['f1']:.3f}"), (flips, lambda m, tr: flipped(m)),
+            (f"F1 seeds {seeds}", lambda m, tr: spread(m)),
+            ("F1 transductive", lambda m, tr: fmt(tr["f1"]) if tr else "-"),
+            (f"F1 transductive {flips[3:]}", lambda m, tr: flipped(tr)),
+            (f"F1 transductive seeds {seeds}", lambda m, tr: spread(tr))]
+    return [c for c, on in zip(cols, (True, flips, seeds, True, flips, seeds)) if on]
+
+
 def render_md(results: dict) -> str:
-    mc, llm = results["machine"], results["llm"]
+    mc, llm, flips = results["machine"], results["llm"], flips_header(results)
     lines = [
         "# FusionLog benchmark",
         "",
@@ -599,7 +691,10 @@ def render_md(results: dict) -> str:
         "are ordered by first appearance; FusionLog fits on the first half (routing, every LLM call, "
         "distillation) and every system is scored on the second half, which no LLM and no fit saw. The "
         "transductive column fits and scores on all of the target. Target labels are used only for scoring. "
-        "Precision, recall and F1 are of the anomalous class.",
+        "Precision, recall and F1 are of the anomalous class."
+        + (f" *{flips}* is fusionlog's F1 range (min–max) over its runs again with k random answers of its "
+           "run's LLM flipped (several trials per k; questions a flip leads to go to the LLM): how much F1 "
+           "hangs on a few answers that another machine's LLM gives the other way." if flips else ""),
         "",
     ]
     seeds = ",".join(next((m["f1_by_seed"] for r in results["targets"].values()
@@ -609,15 +704,14 @@ def render_md(results: dict) -> str:
                   "of F1 when the seed-dependent systems run again with each of those seeds (meta-training, "
                   "replay sampling, Isolation Forest). Which sets the LLM is asked about depends on the seed, "
                   "so one seed's F1 can be luck.", ""]
+    columns = table_columns(seeds, flips)
     for name, r in results["targets"].items():
         lines += [f"## {name} (sources: {', '.join(r['sources'])})", "",
                   f"{r['sessions']:,} sessions ({r['anomalous']:,} anomalous); fit on the first "
                   f"{r['fit_sessions']:,} ({r['anomalous'] - r['test_anomalous']:,} anomalous), scored on the "
                   f"last {r['test_sessions']:,} ({r['test_anomalous']:,} anomalous).", "",
-                  ] + (["| system | precision | recall | F1 | F1 transductive |", "|---|---|---|---|---|"]
-                       if not seeds else
-                       [f"| system | precision | recall | F1 | F1 seeds {seeds} | F1 transductive | "
-                        f"F1 transductive seeds {seeds} |", "|---|---|---|---|---|---|---|"])
+                  "| system | precision | recall | " + " | ".join(c for c, _ in columns) + " |",
+                  "|---|---|---" + "|---" * len(columns) + "|"]
         for system in SYSTEMS:
             m = r["systems"].get(system)
             if m is None:
@@ -625,21 +719,19 @@ def render_md(results: dict) -> str:
             tr = r.get("transductive", {}).get(system)
             bold = "**" if system == "fusionlog" else ""
             shown = f"{system} (diagnostic)" if system in DIAGNOSTIC_SYSTEMS else system
-            if seeds:
-                lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                             f"{bold}{m['f1']:.3f}{bold} | {spread(m)} | {fmt(tr['f1']) if tr else '-'} | "
-                             f"{spread(tr)} |")
-            else:
-                lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                             f"{bold}{m['f1']:.3f}{bold} | {fmt(tr['f1']) if tr else '-'} |")
+            cells = [f(m, tr) for _, f in columns]
+            cells[0] = f"{bold}{cells[0]}{bold}"
+            lines.append(f"| {bold}{shown}{bold} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
         lines += batch_table(r["systems"].get("fusionlog", {}), r["test_sessions"])
     lines += ["## Costs", "",
               "LLM questions asked (of them, new calls this run; the rest came from the answer cache) by "
               f"`{next(iter(results['targets'].values()), {}).get('method_system', 'fusionlog')}` in the inductive "
               "fit, by `llm_only` (one per distinct template-set it labels) and by all systems of the run "
-              "together (other seeds' runs included); the number of distinct proprietary template-sets of the "
-              "fit half (the ceiling on useful questions); the LLM's latency (`llm_only` wall time per new call); seconds per stage of the "
+              "together (other seeds' and flipped-answer runs included); the number of distinct proprietary "
+              "template-sets of the fit half (the ceiling on useful questions); the LLM's latency "
+              "(`llm_only` wall time per new call); seconds per stage of the "
               "inductive FusionLog fit; peak RSS of the whole target run (all systems, scikit-learn included) "
               "and of FusionLog alone (before the peers ran).", "",
               "| target | FusionLog questions (new) | distinct proprietary sets | llm_only questions (new) | "
@@ -712,6 +804,14 @@ def llm_and_output_flags(p, name: str) -> None:
                         "markers, if it has them ('none' = never)")
 
 
+def int_list(p, flag: str, text: str) -> list[int]:
+    """The integers of a comma-separated flag, in order, each once (p.error otherwise)."""
+    try:
+        return list(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        p.error(f"{flag}: not a comma-separated list of integers: {text!r}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -725,6 +825,12 @@ def parse_args(argv=None):
     p.add_argument("--spread-seeds", default="1,2", metavar="SEEDS",
                    help="comma-separated further seeds: every seed-dependent system runs again with each, and "
                         "RESULTS.md gives its F1 range over all seeds ('' = none)")
+    p.add_argument("--flips", default="1,2,3", metavar="KS",
+                   help="comma-separated k: fusionlog runs again with k of the answers its run got flipped, "
+                        "--flip-trials times per k, and RESULTS.md gives its F1 range ('' = none)")
+    p.add_argument("--flip-trials", type=int, default=None, metavar="N",
+                   help="runs per k of --flips (default 5; 1 with --llm-url fake, whose dry run checks the "
+                        "harness)")
     p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit and score every system on all of the target")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
@@ -734,10 +840,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    try:
-        args.spread_seeds = [int(x) for x in args.spread_seeds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--spread-seeds: not a comma-separated list of integers: {args.spread_seeds!r}")
+    args.spread_seeds = int_list(p, "--spread-seeds", args.spread_seeds)
+    args.flips = int_list(p, "--flips", args.flips)
     args.spread_seeds = [x for x in dict.fromkeys(args.spread_seeds) if x != args.seed]
     for s in args.systems:
         if s not in SYSTEMS:
@@ -750,6 +854,10 @@ def parse_args(argv=None):
         args.llm_model = FAKE_MODEL if fake else "local"
     if args.cache is None:
         args.cache = str(ROOT / "bench" / ".cache" / ("fake-answers.jsonl" if fake else "answers.jsonl"))
+    if args.flip_trials is None:
+        args.flip_trials = 1 if fake else 5
+    if any(k < 1 for k in args.flips) or args.flip_trials < 1:
+        p.error("--flips and --flip-trials: counts of at least 1")
     return args
 
 
