@@ -751,8 +751,8 @@ def render_md(results: dict) -> str:
     if results.get("pending_targets"):
         lines += ["", f"**Partial**: not run yet: {', '.join(results['pending_targets'])}."]
     lines += ["", f"Wall time of this run: {results['wall_seconds'] / 60:.1f} min. A rerun answers repeated "
-              "prompts from the LLM cache (bench/.cache/answers.jsonl): its new calls and time can be lower, "
-              "the questions and the detection numbers stay the same.", "",
+              "prompts from the LLM answer cache (`--cache`, named in the command above): its new calls and "
+              "time can be lower, the questions and the detection numbers stay the same.", "",
               "## Systems", ""]
     lines += [f"- `{k}`: {v}." for k, v in SYSTEM_NOTES.items()]
     lines += ["", "The peers use the target's own templates (this library's regex masking, not Drain) as "
