@@ -516,17 +516,66 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
                     progress: Callable | None = None) -> Iterator[Sessions]:
     """A log's sessions in batches, each batch as soon as its sessions are complete (see SessionReader)."""
     try:
-        reader = SessionReader(spec, name, idle)
-        for lines in read_batches(path):
-            done = reader.feed(lines)
-            n = reader.stats["lines"]
-            if progress and n // 200_000 > (n - len(lines)) // 200_000:
-                progress(f"{path}: {n:,} lines read")
-            if done:
-                yield reader.sessions(done)
-        yield reader.sessions(reader.finish())
+        yield from sessions_of_lines(read_batches(path), spec, name, idle, progress, str(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def sessions_of_lines(batches: Iterable[list[str]], spec: SystemSpec, name: str, idle: int = 0,
+                      progress: Callable | None = None, where: str = "", strict: bool = True
+                      ) -> Iterator[Sessions]:
+    """The per-partition step: raw line batches -> completed sessions (template ids + the template list);
+    `strict=False` (one block of a larger input) skips the end-of-input checks."""
+    reader = SessionReader(spec, name, idle)
+    for lines in batches:
+        done = reader.feed(lines)
+        n = reader.stats["lines"]
+        if progress and n // 200_000 > (n - len(lines)) // 200_000:
+            progress(f"{where}: {n:,} lines read")
+        if done:
+            yield reader.sessions(done)
+    rest = reader.finish() if strict else [(s, *reader.open.pop(s)[2:]) for s in list(reader.open)]
+    yield reader.sessions(rest)
+
+
+def stream_files(paths: list[str], spec: SystemSpec, name: str, idle: int = 0,
+                 progress: Callable | None = None) -> Iterator[Sessions]:
+    """Several files of one system in order: sessions by id across them all; windows cut per file (ids then
+    prefixed with the file's name, as in the Dask path)."""
+    if len(paths) == 1 or spec.session_regex is not None:
+        batches = (lines for p in paths for lines in read_batches(p))
+        where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+        try:
+            yield from sessions_of_lines(batches, spec, name, idle, progress, where)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return
+    for path in paths:
+        for s in stream_sessions(path, spec, name, idle, progress):
+            s.ids = [window_id(path, sid, len(paths)) for sid in s.ids]
+            yield s
+
+
+def window_id(path: str, sid: str, n_files: int) -> str:
+    """A window's id: 'records a-b', after its file's name when the input is several files."""
+    return sid if n_files == 1 else f"{Path(path).name} {sid}"
+
+
+def read_block(path: str, start: int, end: int, max_lines: int = 20_000) -> Iterator[list[str]]:
+    """The whole lines that start in bytes [start, end) of an uncompressed file, in batches."""
+    with open(path, "rb") as f:
+        if start:  # the line that began before `start` belongs to the block before
+            f.seek(start - 1)
+            f.readline()
+        data = f.read(max(end - f.tell(), 0))
+        if data and not data.endswith(b"\n"):
+            data += f.readline()  # the last line that starts in the block, whole
+    text = data.decode("utf-8", errors="replace")
+    lines = (text.removeprefix("\ufeff") if start == 0 else text).split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    for i in range(0, len(lines), max_lines):
+        yield lines[i:i + max_lines]
 
 
 def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
