@@ -992,7 +992,8 @@ def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpe
     import dask.bag as db
     blocks = dask_blocks(files, spec, block_bytes)
     model = client.scatter(Path(model_path).read_bytes(), broadcast=True)  # once to each worker
-    shared_labels = None if labels is None else client.scatter(labels, broadcast=True)
+    # (in a list: a dict given alone would be scattered as one future per key)
+    shared_labels = None if labels is None else client.scatter([labels], broadcast=True)[0]
     frags = db.from_sequence(blocks, npartitions=len(blocks)).map(block_fragments, spec, name, len(files))
     frags = frags.flatten()
     groups = (frags.groupby(_session_of, npartitions=len(blocks), shuffle="tasks") if spec.session_regex

@@ -2736,14 +2736,15 @@ def dask_rows(out_dir):
 
 @pytest.mark.parametrize("block_bytes", [4096, 1 << 20])
 def test_dask_labels_hdfs_blocks_split_over_files_as_one_process(dask_client, split_logs, block_bytes):
-    tmp, _ = split_logs
+    tmp, p = split_logs
     one = single_process(tmp, "HDFS", str(tmp / "hdfs" / "*.log"))
     files = fl.input_files(str(tmp / "hdfs" / "*.log"))
     assert len(fl.dask_blocks(files, fl.PRESETS["HDFS"], block_bytes)) >= (12 if block_bytes == 4096 else 3)
     out = tmp / f"dask-hdfs-{block_bytes}"
-    counts, _, _ = fl.predict_on_client(dask_client, str(tmp / "m.npz"), files, fl.PRESETS["HDFS"], "HDFS",
-                                        None, str(out), block_bytes)
-    assert counts["sessions"] == len(one) == 150
+    counts, y_true, y_pred = fl.predict_on_client(dask_client, str(tmp / "m.npz"), files, fl.PRESETS["HDFS"],
+                                                  "HDFS", fl.read_labels(p["hdfs_labels"]), str(out), block_bytes)
+    assert counts["sessions"] == len(one) == 150 and counts["flagged"] == int(np.concatenate(y_pred).sum())
+    assert np.concatenate(y_true).sum() == 10  # the label file's anomalies, each once
     assert_same_rows(one, dask_rows(out))
 
 
