@@ -19,8 +19,12 @@ Departures from the paper (see README for the full list):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
+import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -516,17 +520,68 @@ def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: 
                     progress: Callable | None = None) -> Iterator[Sessions]:
     """A log's sessions in batches, each batch as soon as its sessions are complete (see SessionReader)."""
     try:
-        reader = SessionReader(spec, name, idle)
-        for lines in read_batches(path):
-            done = reader.feed(lines)
-            n = reader.stats["lines"]
-            if progress and n // 200_000 > (n - len(lines)) // 200_000:
-                progress(f"{path}: {n:,} lines read")
-            if done:
-                yield reader.sessions(done)
-        yield reader.sessions(reader.finish())
+        yield from sessions_of_lines(read_batches(path), spec, name, idle, progress, str(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def sessions_of_lines(batches: Iterable[list[str]], spec: SystemSpec, name: str, idle: int = 0,
+                      progress: Callable | None = None, where: str = "", strict: bool = True
+                      ) -> Iterator[Sessions]:
+    """The per-partition step: raw line batches -> completed sessions (template ids + the template list);
+    `strict=False` (one block of a larger input) skips the end-of-input checks."""
+    reader = SessionReader(spec, name, idle)
+    for lines in batches:
+        done = reader.feed(lines)
+        n = reader.stats["lines"]
+        if progress and n // 200_000 > (n - len(lines)) // 200_000:
+            progress(f"{where}: {n:,} lines read")
+        if done:
+            yield reader.sessions(done)
+    rest = reader.finish() if strict else [(s, *reader.open.pop(s)[2:]) for s in list(reader.open)]
+    yield reader.sessions(rest)
+
+
+def stream_files(paths: list[str], spec: SystemSpec, name: str, idle: int = 0,
+                 progress: Callable | None = None) -> Iterator[Sessions]:
+    """Several files of one system in order: sessions by id across them all; windows cut per file (ids then
+    prefixed with the file's name, as in the Dask path)."""
+    if len(paths) == 1 or spec.session_regex is not None:
+        batches = (lines for p in paths for lines in read_batches(p))
+        where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+        try:
+            yield from sessions_of_lines(batches, spec, name, idle, progress, where)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return
+    for path in paths:
+        for s in stream_sessions(path, spec, name, idle, progress):
+            s.ids = [window_id(path, sid, len(paths)) for sid in s.ids]
+            yield s
+
+
+def window_id(path: str, sid: str, n_files: int) -> str:
+    """A window's id: 'records a-b', after its file's name when the input is several files."""
+    return sid if n_files == 1 else f"{Path(path).name} {sid}"
+
+
+def read_block(path: str, start: int, end: int, max_lines: int = 20_000) -> Iterator[list[str]]:
+    """The whole lines that start in bytes [start, end) of an uncompressed file, in batches."""
+    with open(path, "rb") as f:
+        if start:  # the line that began before `start` belongs to the block before
+            f.seek(start - 1)
+            f.readline()
+        data = f.read(max(end - f.tell(), 0))
+        if not data:  # no line starts in the block
+            return
+        if not data.endswith(b"\n"):
+            data += f.readline()  # the last line that starts in the block, whole
+    text = data.decode("utf-8", errors="replace")
+    lines = (text.removeprefix("\ufeff") if start == 0 else text).split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    for i in range(0, len(lines), max_lines):
+        yield lines[i:i + max_lines]
 
 
 def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
@@ -787,34 +842,171 @@ def cmd_run(args, progress) -> int:
     return 0
 
 
+def input_files(path: str) -> list[str]:
+    """An --input PATH as its files: those a glob matches, sorted, or the one file (or '-')."""
+    if not glob.has_magic(path):
+        return [path]
+    files = sorted(glob.glob(path))
+    if not files:
+        raise ValueError(f"{path}: no file matches")
+    return files
+
+
+def predict_batch(model: FusionLog, s: Sessions, labels: dict[str, int] | None) -> Predictions:
+    """The prediction step of every engine: complete sessions (labels from a label file if any) -> labels."""
+    if labels is not None:
+        s.labels = np.array([labels.get(sid, -1) for sid in s.ids], dtype=np.int8)
+    return model.predict(s)
+
+
 def cmd_predict(args, progress) -> int:
     """Label a log's sessions as they complete, in bounded memory: the model alone decides each one."""
-    model = FusionLog.load(args.model, progress)
     inputs = _keyed(args.input, "--input")
     if len(inputs) != 1:
-        raise ValueError(f"--input: give exactly one log to label (got {len(inputs)})")
+        raise ValueError(f"--input: give exactly one system to label (got {len(inputs)})")
     (name, path), = inputs.items()
-    spec = _system_specs(args, [(name, path)])[name]
+    spec, files = _system_specs(args, [(name, path)])[name], input_files(path)
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
     say = print if args.out != "-" else lambda m: print(m, file=sys.stderr)
+    if args.dask:
+        counts, y_true, y_pred = predict_on_dask(args.dask, args.model, files, spec, name, labels, args.out,
+                                                 args.block_mb << 20)
+    else:
+        model = FusionLog.load(args.model, progress)
+        counts, y_true, y_pred = _predict_here(args, model, files, spec, name, labels, progress)
+    general = np.repeat([True, False], [counts["general"], counts["sessions"] - counts["general"]])
+    say(f"{name}: {counts['sessions']:,} sessions; routing: {router.split_summary(general)}")
+    say(f"predicted anomalous: {counts['flagged']:,} of {counts['sessions']:,} sessions -> {args.out}")
+    if y_true:
+        _say_metrics(np.concatenate(y_true), np.concatenate(y_pred), say)
+    return 0
+
+
+def _predict_here(args, model, files, spec, name, labels, progress) -> tuple[dict, list, list]:
+    """The single-process engine: sessions streamed as they complete, written as they come."""
     y_true, y_pred = [], []  # (one byte a session: kept only when there are labels to score against)
     with PredictionWriter(args.out) as out:
-        for batch in stream_sessions(path, spec, name, args.idle, progress):
-            if labels is not None:
-                batch.labels = np.array([labels.get(sid, -1) for sid in batch.ids], dtype=np.int8)
-            pred = model.predict(batch)
+        for batch in stream_files(files, spec, name, args.idle, progress):
+            pred = predict_batch(model, batch, labels)
             out.write(pred)
             if batch.labels is not None:
                 y_true.append(batch.labels)
                 y_pred.append(pred.labels)
-    c = out.counts
-    general = np.repeat([True, False], [c["general"], c["sessions"] - c["general"]])
-    say(f"{name}: {c['sessions']:,} sessions; routing: {router.split_summary(general)}")
-    say(f"predicted anomalous: {c['flagged']:,} of {c['sessions']:,} sessions -> {args.out}")
-    if y_true:
-        _say_metrics(np.concatenate(y_true), np.concatenate(y_pred), say)
-    return 0
+    return out.counts, y_true, y_pred
+
+
+# The Dask engine (the optional extra fusionlog[dask]; dask is imported only inside predict_on_dask): each
+# partition reads a block of a file into sessions (sessions_of_lines), a shuffle on the session id joins a
+# session's fragments from every block and file in input order, then predict_batch labels each partition.
+
+
+def dask_blocks(files: list[str], spec: SystemSpec, block_bytes: int) -> list[tuple[int, str, int, int]]:
+    """The partitions (file index, path, start, end): byte blocks of uncompressed files when sessions are by
+    id; a whole file (end -1) when gzipped or cut in windows (the windows of a file stay in order)."""
+    blocks = []
+    for i, path in enumerate(files):
+        _open_binary(path).close()  # a clear error for a missing or empty file, before the cluster starts
+        with open(path, "rb") as f:
+            whole = spec.session_regex is None or f.read(2) == b"\x1f\x8b"
+        size = os.path.getsize(path)
+        starts = [0] if whole else range(0, size, block_bytes)
+        blocks += [(i, path, a, -1 if whole else min(a + block_bytes, size)) for a in starts]
+    return blocks
+
+
+def block_fragments(block: tuple[int, str, int, int], spec: SystemSpec, name: str, n_files: int) -> list:
+    """One partition's sessions as fragments (id, (file, offset), template texts, anomalous) to shuffle."""
+    i, path, start, end = block
+    batches = read_batches(path) if end < 0 else read_block(path, start, end)
+    out = []
+    try:
+        for s in sessions_of_lines(batches, spec, name, strict=False):
+            flags = np.zeros(len(s), np.int8) if s.labels is None else s.labels
+            for sid, seq, a in zip(s.ids, s.sequences, flags):
+                sid = sid if spec.session_regex else window_id(path, sid, n_files)
+                out.append((sid, (i, start), [s.templates[t] for t in seq], bool(a)))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return out
+
+
+def sessions_of_fragments(name: str, groups: Iterable[tuple[str, list]], labeled: bool) -> Sessions:
+    """Shuffled fragments grouped by id as complete sessions, each one's fragments in input order."""
+    templates, ids, seqs, flags = {}, [], [], []
+    for sid, frags in sorted(groups, key=lambda g: min(f[1] for f in g[1])):
+        frags = sorted(frags, key=lambda f: f[1])
+        ids.append(sid)
+        seqs.append(np.array([templates.setdefault(t, len(templates)) for f in frags for t in f[2]],
+                             dtype=np.int64))
+        flags.append(any(f[3] for f in frags))
+    return Sessions(name, list(templates), ids, seqs, np.array(flags, np.int8) if labeled else None)
+
+
+@functools.lru_cache(maxsize=2)
+def _model_of(data: bytes) -> FusionLog:
+    """A model from its file's bytes, loaded once per worker (the bytes are scattered once to each)."""
+    return FusionLog.load(io.BytesIO(data))
+
+
+def predict_partition(groups: list, model: bytes, labels: dict | None, name: str, labeled: bool,
+                      path: str) -> tuple[dict, np.ndarray | None, np.ndarray]:
+    """One partition's sessions labeled and written to its own CSV; its counts (and labels) back."""
+    s = sessions_of_fragments(name, groups, labeled or labels is not None)
+    with PredictionWriter(path) as out:
+        pred = predict_batch(_model_of(model), s, labels) if len(s) else None
+        if pred is not None:
+            out.write(pred)
+    empty = np.zeros(0, np.int8)
+    return out.counts, s.labels, empty if pred is None else pred.labels
+
+
+def _alone(fragment: tuple) -> tuple[str, list]:
+    """A window as its own group: it is complete in its partition."""
+    return fragment[0], [fragment]
+
+
+def _session_of(fragment: tuple) -> str:
+    return fragment[0]
+
+
+def predict_on_dask(address: str, model_path: str, files: list[str], spec: SystemSpec, name: str,
+                    labels: dict | None, out_dir: str, block_bytes: int = 64 << 20
+                    ) -> tuple[dict, list, list]:
+    """`predict` on a Dask cluster: 'local:N' (a LocalCluster of N worker processes on 127.0.0.1) or a
+    scheduler's address; one CSV a partition in `out_dir`; the summed counts and the labels back."""
+    from distributed import Client, LocalCluster
+    with contextlib.ExitStack() as stack:
+        if address.startswith("local:"):
+            address = stack.enter_context(LocalCluster(n_workers=int(address[6:]), threads_per_worker=1,
+                                                       host="127.0.0.1", dashboard_address=None))
+        client = stack.enter_context(Client(address))
+        return predict_on_client(client, model_path, files, spec, name, labels, out_dir, block_bytes)
+
+
+def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpec, name: str,
+                      labels: dict | None, out_dir: str, block_bytes: int = 64 << 20
+                      ) -> tuple[dict, list, list]:
+    """The Dask graph: blocks -> fragments -> shuffle on the session id -> one labeled CSV a partition."""
+    import dask
+    import dask.bag as db
+    blocks = dask_blocks(files, spec, block_bytes)
+    model = client.scatter(Path(model_path).read_bytes(), broadcast=True)  # once to each worker
+    # (in a list: a dict given alone would be scattered as one future per key)
+    shared_labels = None if labels is None else client.scatter([labels], broadcast=True)[0]
+    frags = db.from_sequence(blocks, npartitions=len(blocks)).map(block_fragments, spec, name, len(files))
+    frags = frags.flatten()
+    groups = (frags.groupby(_session_of, npartitions=len(blocks), shuffle="tasks") if spec.session_regex
+              else frags.map(_alone))
+    os.makedirs(out_dir, exist_ok=True)
+    labeled = bool(spec.label_field)
+    parts = [dask.delayed(predict_partition)(part, model, shared_labels, name, labeled,
+                                             os.path.join(out_dir, f"part-{i:05d}.csv"))
+             for i, part in enumerate(groups.to_delayed())]
+    results = dask.compute(*parts)
+    counts = {k: sum(r[0][k] for r in results) for k in results[0][0]}
+    y_true = [r[1] for r in results if r[1] is not None and len(r[1])]
+    return counts, y_true, [r[2] for r in results if r[1] is not None and len(r[1])]
 
 
 def cmd_presets(args, progress) -> int:
@@ -900,11 +1092,19 @@ def _predict_parser(sub) -> None:
     pr.set_defaults(cmd=cmd_predict)
     pr.add_argument("--model", required=True, help="model file from 'fusionlog run --model-out'")
     pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
-                    help="the log to label: a file, a .gz file, or '-' for standard input")
+                    help="the log to label: a file, a .gz file, '-' for standard input, or a "
+                    "quoted glob ('logs/*.log.gz': several files of one system, in sorted order)")
     _add_system_flags(pr)
     pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv, .jsonl; '-' = stdout)")
     pr.add_argument("--idle", type=int, default=100_000, metavar="N", help="a session by id is complete "
-                    "N lines after its last (and at the end of input; 0 = only then); windows when full")
+                    "N lines after its last (and at the end of input; 0 = only then); windows when full. "
+                    "Not with --dask: there a session is complete at the end of the input")
+    pr.add_argument("--dask", default=None, metavar="ADDRESS", help="run on Dask (pip install "
+                    "'fusionlog[dask]'): local:N = N local worker processes, or a scheduler's "
+                    "tcp://HOST:8786; --out is then a directory of part-NNNNN.csv files, a session by id is "
+                    "grouped across all files and blocks, windows are cut per file")
+    pr.add_argument("--block-mb", type=int, default=64, metavar="MB", help="with --dask: the block size an "
+                    "uncompressed file is split into (a gzipped file is one block)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2665,3 +2665,98 @@ def test_bench_flip_client_flips_exactly_the_given_keys_records_what_it_answered
     assert bench.flipped(m) == "0.700–0.800" and bench.flipped({"f1": 0.5}) == "-"
     r = {"systems": {"fusionlog": m}, "transductive": {}}
     assert bench.flips_header({"targets": {"HDFS": r}}) == "F1 with k = 1..2 answers flipped"
+
+
+# ---- beyond one machine: the Dask engine labels as one process does (issue 15) ---------------------
+
+
+def test_blocks_of_a_file_hold_each_line_once(tmp_path):
+    text = "".join(f"line {i} {'x' * (i % 7)}\n" for i in range(40)) + "last line without newline"
+    path = write(tmp_path / "b.log", text)
+    size = os.path.getsize(path)
+    for block in (1, 5, 17, 64, size, size + 10):
+        got = [line for a in range(0, size, block)
+               for batch in fl.read_block(str(path), a, min(a + block, size)) for line in batch]
+        assert got == text.split("\n"), block
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+    # threads, not processes: the same engine code, and no second of process start-up per worker
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
+                                  protocol="tcp", dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def split_logs(tmp_path_factory):
+    """A fitted model, HDFS blocks dealt line by line over 3 files (each block in all 3), db in 2 files."""
+    tmp = tmp_path_factory.mktemp("split")
+    p = synthetic_logs(tmp, np.random.default_rng(0))
+    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
+    hdfs = fl.attach_labels(fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS"),
+                            fl.read_labels(p["hdfs_labels"]))
+    db = fl.read_system(p["db"], DB_SPEC, "db")
+    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=30)))
+    model.fit([web, hdfs], db)
+    model.save(tmp / "m.npz")
+    lines = Path(p["hdfs"]).read_text().splitlines(keepends=True)
+    db_lines = Path(p["db"]).read_text().splitlines(keepends=True)
+    (tmp / "hdfs").mkdir()
+    (tmp / "db").mkdir()
+    for k in range(3):
+        write(tmp / "hdfs" / f"part-{k}.log", "".join(lines[k::3]))
+    for k in range(2):
+        write(tmp / "db" / f"db-{k}.log", "".join(db_lines[100 * k:100 * k + 100]))
+    return tmp, p
+
+
+def predictions_by_id(rows):
+    return {r["session"]: (r["label"], float(r["score"])) for r in rows}
+
+
+def assert_same_rows(one, many):
+    assert sorted(one) == sorted(many)
+    for sid, (label, score) in one.items():
+        assert many[sid][0] == label and abs(many[sid][1] - score) <= 1e-9, sid
+
+
+def single_process(tmp, system, pattern, extra=()):
+    out = tmp / f"{system}-one.csv"
+    assert fl.main(["-q", "predict", "--model", str(tmp / "m.npz"), "--input", f"{system}={pattern}",
+                    "--out", str(out), "--idle", "0", *extra]) == 0
+    return predictions_by_id(read_csv(out))
+
+
+def dask_rows(out_dir):
+    return predictions_by_id([r for f in sorted(Path(out_dir).glob("part-*.csv")) for r in read_csv(f)])
+
+
+@pytest.mark.parametrize("block_bytes", [4096, 1 << 20])
+def test_dask_labels_hdfs_blocks_split_over_files_as_one_process(dask_client, split_logs, block_bytes):
+    tmp, p = split_logs
+    one = single_process(tmp, "HDFS", str(tmp / "hdfs" / "*.log"))
+    files = fl.input_files(str(tmp / "hdfs" / "*.log"))
+    assert len(fl.dask_blocks(files, fl.PRESETS["HDFS"], block_bytes)) >= (12 if block_bytes == 4096 else 3)
+    out = tmp / f"dask-hdfs-{block_bytes}"
+    counts, y_true, y_pred = fl.predict_on_client(dask_client, str(tmp / "m.npz"), files, fl.PRESETS["HDFS"],
+                                                  "HDFS", fl.read_labels(p["hdfs_labels"]), str(out), block_bytes)
+    assert counts["sessions"] == len(one) == 150 and counts["flagged"] == int(np.concatenate(y_pred).sum())
+    assert np.concatenate(y_true).sum() == 10  # the label file's anomalies, each once
+    assert_same_rows(one, dask_rows(out))
+
+
+def test_dask_labels_windows_per_file_as_one_process(dask_client, split_logs, capsys):
+    tmp, p = split_logs
+    db_flags = ["--format", "db=<Label> <Node> <Component> <Content>", "--window", "db=5",
+                "--label-field", "db=Label"]
+    one = single_process(tmp, "db", str(tmp / "db" / "*.log"), db_flags)
+    first = single_process(tmp, "db", str(tmp / "db" / "db-0.log"), db_flags)
+    assert {f"db-0.log {sid}": v for sid, v in first.items()}.items() <= one.items()  # a file as alone
+    out = tmp / "dask-db"
+    assert fl.main(["predict", "--model", str(tmp / "m.npz"), "--input", f"db={tmp / 'db' / '*.log'}",
+                    "--out", str(out), "--dask", dask_client.scheduler.address, *db_flags]) == 0
+    assert_same_rows(one, dask_rows(out))
+    assert len(one) == 40 and "db: 40 sessions" in capsys.readouterr().out

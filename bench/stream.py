@@ -32,6 +32,17 @@ def child(argv, stdin=None) -> tuple[float, float]:
     return time.perf_counter() - t, usage.ru_maxrss / 1024
 
 
+def fit_model(d: Path, model: Path) -> None:
+    """BGL + OpenStack -> HDFS with no LLM, saved to `model`."""
+    subprocess.run([sys.executable, str(HERE / "fusionlog.py"), "-q", "run",
+                    "--source", f"BGL={d / 'BGL' / 'BGL_2k.log'}",
+                    "--source", f"OpenStack={d / 'OpenStack' / 'openstack_nova.log'}",
+                    "--labels", f"OpenStack={d / 'OpenStack' / 'anomaly_label.csv'}",
+                    "--target", f"HDFS={d / 'HDFS' / 'HDFS_2pct.log'}", "--llm-url", "none",
+                    "--out", str(model.with_suffix(".csv")), "--model-out", str(model)],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(HERE.parent / "shared" / "data"))
@@ -41,13 +52,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fusionlog-stream-"))
     try:
         hdfs = d / "HDFS" / "HDFS_2pct.log"
-        subprocess.run([sys.executable, str(HERE / "fusionlog.py"), "-q", "run",
-                        "--source", f"BGL={d / 'BGL' / 'BGL_2k.log'}",
-                        "--source", f"OpenStack={d / 'OpenStack' / 'openstack_nova.log'}",
-                        "--labels", f"OpenStack={d / 'OpenStack' / 'anomaly_label.csv'}",
-                        "--target", f"HDFS={hdfs}", "--llm-url", "none",
-                        "--out", str(tmp / "run.csv"), "--model-out", str(tmp / "m.npz")],
-                       check=True, stdout=subprocess.DEVNULL)
+        fit_model(d, tmp / "m.npz")
         big = tmp / "hdfs10.log"
         with open(big, "wb") as out:
             for _ in range(args.copies):
