@@ -21,23 +21,14 @@ from scipy.cluster.vq import kmeans2
 from scipy.sparse.linalg import svds
 from scipy.special import expit
 
+import router
+
 # --------------------------------------------------------------------------------------------------
 # input features: a session's semantic vector beside structural features relative to its system
 
 STRUCTURAL_NAMES = ("log_lines", "log_distinct", "set_rarity", "mean_tmpl_rarity", "max_tmpl_rarity",
                     "missing_common", "length_z")   # the columns of structural_features
 STRUCTURAL_WEIGHT = 1.0   # weight of the structural block beside the L2-normalised semantic block
-
-def incidence(sequences: list[np.ndarray], n_templates: int) -> sp.csr_matrix:
-    """Binary sessions x templates matrix: 1 where the session contains the template."""
-    ids = np.concatenate([np.zeros(0, np.int64), *(np.asarray(s, dtype=np.int64).ravel() for s in sequences)])
-    if ids.size and (ids.min() < 0 or ids.max() >= n_templates):
-        raise ValueError(f"template ids must lie in [0, {n_templates}), got [{ids.min()}, {ids.max()}]")
-    rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])   # (N,) session of each line
-    B = sp.csr_matrix((np.ones(ids.size), (rows, ids)), shape=(len(sequences), n_templates))
-    B.sum_duplicates()           # canonical: sorted column indices per row, no duplicates
-    B.data[:] = 1.0
-    return B
 
 def _set_key(reference_ids) -> str:
     """A template-set as sorted reference ids, the key of Reference.set_counts."""
@@ -61,7 +52,7 @@ class Reference:
         n = len(sequences)
         if n == 0:
             raise ValueError("a reference needs at least one session")
-        B = incidence(sequences, len(templates))                        # (n, T) binary
+        B = router.incidence(sequences, len(templates))                        # (n, T) binary
         rows = np.split(B.indices, B.indptr[1:-1])                      # each session's distinct templates
         counts = dict(Counter(_set_key(row) for row in rows))           # template-set -> sessions
         ll = np.log1p([len(s) for s in sequences])
@@ -88,7 +79,7 @@ def structural_features(templates: list[str], sequences: list[np.ndarray], ref: 
         return np.zeros((0, len(STRUCTURAL_NAMES)))
     ref_id = {t: i for i, t in enumerate(ref.templates)}
     to_ref = np.array([ref_id.get(t, -1) for t in templates], dtype=np.int64)   # (T,) -1 = never seen
-    B = incidence(sequences, len(templates))                        # (n, T) binary
+    B = router.incidence(sequences, len(templates))                        # (n, T) binary
     lines = np.array([len(s) for s in sequences], dtype=np.float64)  # (n,)
     distinct = np.diff(B.indptr).astype(np.float64)                 # (n,)
     log_n = np.log(ref.n) if ref.n > 1 else 1.0                     # rarity scale: -log(1/n) / log(n) = 1
@@ -265,7 +256,7 @@ def pseudo_domains(template_vecs: sp.csr_matrix, sequences: list[np.ndarray], la
         _, tmpl_cluster = kmeans2(Z, init, minit="matrix")               # (T,) cluster of each template
     # 2) each session goes to the cluster holding most of its distinct templates (empty session -> 0)
     onehot = sp.csr_matrix((np.ones(T), (np.arange(T), tmpl_cluster)), shape=(T, k))   # (T, k)
-    sess_cluster = (incidence(sequences, T) @ onehot).toarray().argmax(axis=1)          # (n,) most votes
+    sess_cluster = (router.incidence(sequences, T) @ onehot).toarray().argmax(axis=1)  # (n,) most votes
     # 3) a cluster lacking a class merges into its nearest by centroid (so fewer than k may remain, even one)
     domains = {c: np.flatnonzero(sess_cluster == c) for c in range(k) if np.any(sess_cluster == c)}
     members = {c: np.flatnonzero(tmpl_cluster == c) for c in domains}    # templates behind each domain

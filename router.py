@@ -167,17 +167,20 @@ def _concat(sequences: list[np.ndarray], n_templates: int) -> tuple[np.ndarray, 
     return flat, lengths
 
 
+def incidence(sequences: list[np.ndarray], n_templates: int) -> sp.csr_matrix:
+    """Binary sessions x templates matrix (n, T): 1 where the session holds the template."""
+    flat, lengths = _concat(sequences, n_templates)
+    B = sp.csr_matrix((np.ones(flat.size), (np.repeat(np.arange(len(sequences)), lengths), flat)),
+                      shape=(len(sequences), n_templates))
+    B.sum_duplicates()  # canonical: sorted column indices per row, no duplicates
+    B.data[:] = 1.0  # distinct templates: a template counts once however often it repeats
+    return B
+
+
 def session_vectors(sequences: list[np.ndarray], template_vecs: sp.csr_matrix) -> sp.csr_matrix:
     """Each session = mean of the vectors of its DISTINCT templates, L2-normalised. -> csr (n, V)"""
-    n_templates = template_vecs.shape[0]
-    flat, lengths = _concat(sequences, n_templates)
-    session_of = np.repeat(np.arange(len(sequences)), lengths)  # (N,) session index of every line
-    incidence = sp.csr_matrix((np.ones(flat.size), (session_of, flat)),
-                              shape=(len(sequences), n_templates))  # (n, T); duplicates summed below
-    incidence.sum_duplicates()
-    incidence.data[:] = 1.0  # distinct templates: a template counts once however often it repeats
-    n_distinct = np.maximum(np.diff(incidence.indptr), 1)  # (n,)
-    mean = sp.diags(1.0 / n_distinct) @ incidence @ template_vecs  # (n, T) @ (T, V) -> (n, V)
+    B = incidence(sequences, template_vecs.shape[0])  # (n, T)
+    mean = sp.diags(1.0 / np.maximum(np.diff(B.indptr), 1)) @ B @ template_vecs  # (n, T) @ (T, V) -> (n, V)
     return l2_normalize_rows(sp.csr_matrix(mean))
 
 
