@@ -869,6 +869,8 @@ def cmd_predict(args, progress) -> int:
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
     say = print if args.out != "-" else lambda m: print(m, file=sys.stderr)
+    if args.dask and "-" in files:
+        raise ValueError("--dask reads files (each worker opens its own blocks), not standard input")
     if args.dask:
         counts, y_true, y_pred = predict_on_dask(args.dask, args.model, files, spec, name, labels, args.out,
                                                  args.block_mb << 20)

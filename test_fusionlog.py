@@ -2760,3 +2760,14 @@ def test_dask_labels_windows_per_file_as_one_process(dask_client, split_logs, ca
                     "--out", str(out), "--dask", dask_client.scheduler.address, *db_flags]) == 0
     assert_same_rows(one, dask_rows(out))
     assert len(one) == 40 and "db: 40 sessions" in capsys.readouterr().out
+
+
+def test_dask_refuses_standard_input_in_one_line(tmp_path, capsys):
+    # checked before any cluster starts (and before Dask is imported): no extra needed for this one
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=5)))
+    model.fit([fl.read_system(p["db"], DB_SPEC, "db")], fl.read_system(p["hdfs"], fl.PRESETS["HDFS"]))
+    model.save(tmp_path / "m.npz")
+    assert fl.main(["-q", "predict", "--model", str(tmp_path / "m.npz"), "--input", "HDFS=-",
+                    "--dask", "local:2", "--out", str(tmp_path / "out")]) == 2
+    assert "--dask reads files" in one_error_line(capsys) and not (tmp_path / "out").exists()
