@@ -375,7 +375,7 @@ class SessionReader:
     """A log's lines into sessions, handing each out once complete: a window when full, a session by id at
     the end of input or, with `idle`, that many lines after its last. Memory holds the open ones only."""
 
-    def __init__(self, spec: SystemSpec, name: str, idle: int = 0):
+    def __init__(self, spec: SystemSpec, name: str, idle: int = 0, stats: dict | None = None):
         self.spec, self.name, self.idle = spec, name, idle
         self.line_re = compile_format(spec.log_format)
         if spec.session_regex is None and spec.window <= 0:
@@ -391,8 +391,9 @@ class SessionReader:
         self.templates: list[str] = []  # ... as a list: index = template id
         self.open: dict[str, list] = {}  # session id -> [first line, last line, template ids, anomalous]
         self.window: list[tuple[int, bool]] = []  # windows: the last `window` records (template id, flag)
-        self.stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
-                          replaced_chars=0)
+        self.stats = {} if stats is None else stats  # (shared with read_batches, which counts long lines)
+        self.stats.update(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
+                          replaced_chars=0, long_lines=0)
         self.first_line, self.prev = None, None  # the first non-blank line; the previous record's (ids, flag)
 
     def feed(self, lines: list[str]) -> list[tuple[str, list[int], bool]]:
@@ -462,7 +463,7 @@ class SessionReader:
         """End of input: every open session is complete, in order of first appearance."""
         if self.stats["records"] == 0:
             raise ValueError(f"the log format {self.spec.log_format!r} matches no line; "
-                             f"first line: {(self.first_line or '')[:200]!r}")
+                             f"first line: {(self.first_line or '')[:200]!r}{format_hint(self.spec.log_format)}")
         if self.id_re is not None and not self.open and not self.stats.get("sessions"):
             raise ValueError(f"the session regex {self.spec.session_regex!r} matches no line")
         if self.id_re is None and self.stats["records"] + self.stats["continuation"] < self.spec.window:
@@ -478,21 +479,35 @@ class SessionReader:
                         [np.array(t, dtype=np.int64) for _, t, _ in done], labels, self.stats)
 
 
-def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD."""
-    f, rest, bom = _open_binary(path), b"", "\ufeff"
+MAX_LINE = 1 << 20  # bytes: a longer line keeps its first MAX_LINE (a log with no newline stays bounded)
+
+
+def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20, max_line: int = MAX_LINE,
+                 stats: dict | None = None) -> Iterator[list[str]]:
+    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD; a line
+    over `max_line` bytes is cut there, counted in stats['long_lines']."""
+    f, rest, bom, skipping, stats = _open_binary(path), b"", "\ufeff", False, {} if stats is None else stats
     try:
         while True:
             try:
                 data = f.read1(max_bytes)
             except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip file
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+            eof = not data
+            if skipping:  # the cut line's tail, dropped up to its newline
+                _, nl, data = data.partition(b"\n")
+                if not (nl or eof):
+                    continue
+                skipping = False
             # at the end, what is left is a last line without its newline
-            head, sep, rest = (rest + data).rpartition(b"\n") if data else (rest, rest, b"")
+            head, sep, rest = (rest + data).rpartition(b"\n") if not eof else (rest, rest[:1], b"")
+            if len(rest) > max_line:
+                head, sep, rest, skipping = head + sep + rest[:max_line], b"\n", b"", True
+                stats["long_lines"] = stats.get("long_lines", 0) + 1
             if sep:
                 yield head.decode("utf-8", errors="replace").removeprefix(bom).split("\n")
                 bom = ""
-            if not data:
+            if eof:
                 break
     finally:
         if f is not sys.stdin.buffer:
@@ -519,18 +534,15 @@ def _open_binary(path: str | os.PathLike):
 def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: int = 0,
                     progress: Callable | None = None) -> Iterator[Sessions]:
     """A log's sessions in batches, each batch as soon as its sessions are complete (see SessionReader)."""
-    try:
-        yield from sessions_of_lines(read_batches(path), spec, name, idle, progress, str(path))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    yield from stream_files([str(path)], spec, name, idle, progress)
 
 
 def sessions_of_lines(batches: Iterable[list[str]], spec: SystemSpec, name: str, idle: int = 0,
-                      progress: Callable | None = None, where: str = "", strict: bool = True
-                      ) -> Iterator[Sessions]:
+                      progress: Callable | None = None, where: str = "", strict: bool = True,
+                      stats: dict | None = None) -> Iterator[Sessions]:
     """The per-partition step: raw line batches -> completed sessions (template ids + the template list);
     `strict=False` (one block of a larger input) skips the end-of-input checks."""
-    reader = SessionReader(spec, name, idle)
+    reader = SessionReader(spec, name, idle, stats)
     for lines in batches:
         done = reader.feed(lines)
         n = reader.stats["lines"]
@@ -546,18 +558,30 @@ def stream_files(paths: list[str], spec: SystemSpec, name: str, idle: int = 0,
                  progress: Callable | None = None) -> Iterator[Sessions]:
     """Several files of one system in order: sessions by id across them all; windows cut per file (ids then
     prefixed with the file's name, as in the Dask path)."""
-    if len(paths) == 1 or spec.session_regex is not None:
-        batches = (lines for p in paths for lines in read_batches(p))
-        where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
-        try:
-            yield from sessions_of_lines(batches, spec, name, idle, progress, where)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+    if len(paths) > 1 and spec.session_regex is None:
+        for path in paths:
+            for s in stream_files([path], spec, name, idle, progress):
+                s.ids = [window_id(path, sid, len(paths)) for sid in s.ids]
+                yield s
         return
-    for path in paths:
-        for s in stream_sessions(path, spec, name, idle, progress):
-            s.ids = [window_id(path, sid, len(paths)) for sid in s.ids]
-            yield s
+    stats: dict = {}
+    batches = (lines for p in paths for lines in read_batches(p, stats=stats))
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+    try:
+        yield from sessions_of_lines(batches, spec, name, idle, progress, where, stats=stats)
+    except ValueError as e:  # named once: a file's own error (no such file, ...) already names it
+        raise ValueError(e if str(e).startswith(tuple(f"{p}:" for p in paths)) else f"{where}: {e}") from None
+
+
+REGEX_SYNTAX = "[](){}.*+?|^$\\"
+
+
+def format_hint(log_format: str) -> str:
+    """For a format that matches (almost) no line: its literal characters that are regex syntax, if any."""
+    literal = re.sub(r"\\.", "", "".join(re.split(r"<[^<>]+>", log_format)))  # escaped pairs are fine
+    found = "".join(dict.fromkeys(c for c in literal if c in REGEX_SYNTAX))
+    return (f" (a format's literal text is a regex: {' '.join(found)} there are regex syntax; to match them "
+            f"literally, escape each with a backslash, e.g. \\{found[0]})") if found else ""
 
 
 def window_id(path: str, sid: str, n_files: int) -> str:
@@ -584,10 +608,11 @@ def read_block(path: str, start: int, end: int, max_lines: int = 20_000) -> Iter
         yield lines[i:i + max_lines]
 
 
-def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
+def read_system(path: str | os.PathLike | list, spec: SystemSpec, name: str = "",
                 progress: Callable | None = None) -> Sessions:
-    """A whole log as Sessions (see SessionReader)."""
-    batches = list(stream_sessions(path, spec, name or Path(path).stem, 0, progress))
+    """A whole log (one file, or a list of one system's files in order) as Sessions (see SessionReader)."""
+    paths = [str(p) for p in path] if isinstance(path, list) else [str(path)]
+    batches = list(stream_files(paths, spec, name or Path(paths[0]).stem, 0, progress))
     s = batches[-1]
     return Sessions(s.name, s.templates, [i for b in batches for i in b.ids],
                     [q for b in batches for q in b.sequences],
