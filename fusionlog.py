@@ -891,9 +891,12 @@ class EndSummary:
         self.known = set(model.reference.templates) | set(model.source_templates)
 
     def add(self, s: Sessions, pred: Predictions) -> None:
+        if not len(s):
+            return
         new = np.fromiter((t not in self.known for t in s.templates), bool, len(s.templates))
+        starts = np.cumsum([0] + [len(q) for q in s.sequences[:-1]])
         self.sessions += len(s)
-        self.unseen += sum(bool(new[q].any()) for q in s.sequences)
+        self.unseen += int(np.logical_or.reduceat(new[np.concatenate(s.sequences)], starts).sum())
         for i in np.argsort(-pred.scores, kind="stable")[:self.n]:
             rare = sorted({s.templates[t] for t in s.sequences[i].tolist()},
                           key=lambda t: self.share.get(t, 0))  # (unseen at fit: rarest)
@@ -905,8 +908,8 @@ class EndSummary:
             progress(f"top {len(self.top)} sessions by score (id, score, the teacher's reason, rarest "
                      f"templates):")
         for score, sid, reason, rare in self.top:
-            progress(f"  {clip(sid, 50)} {-score:.3f} {clip(reason, 80) if reason else '(no teacher reason)'}"
-                     f"; rarest: {' | '.join(clip(t, 60) for t in rare)}")
+            progress(f"  {sid[:60]} {-score:.3f} {reason[:100] or '(no teacher reason)'}; rarest templates: "
+                     + " | ".join(t[:60] for t in rare))
         if unseen_warning and self.unseen > self.sessions / 2:
             warn(f"{self.unseen:,} of {self.sessions:,} sessions hold a template the model never saw at fit: "
                  f"this log may be another system than the model was fitted for; its labels are guesses")
