@@ -2572,6 +2572,18 @@ def test_a_format_whose_literal_text_is_regex_syntax_says_how_to_escape_it(tmp_p
     assert "matches no line" in line and "literal text is a regex: [ ] there are regex syntax" in line and r"\[" in line
 
 
+def test_a_format_matching_under_half_the_lines_is_a_warning_and_predict_takes_one_input(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    lines = Path(p["web"]).read_text().splitlines(keepends=True)
+    write(p["web"], "".join(x if i % 3 == 0 else x.replace(": ", " ", 1) for i, x in enumerate(lines)))
+    assert fl.main(cli_argv(p, {"web": WEB_SPEC, "db": DB_SPEC}, tmp_path)) == 0  # 2 of 3 lines: continuations
+    warning = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warning) == 1 and re.search(r"web\.log: the log format matches only \d+ of 4\d\d lines$", warning[0])
+    assert fl.main(["-q", "predict", "--model", str(tmp_path / "nope.npz"), "--input", f"a={p['web']}",
+                    "--input", f"b={p['db']}"]) == 2
+    assert one_error_line(capsys) == "--input: give exactly one system to label (got 2)"
+
+
 def test_a_line_over_the_cap_is_cut_counted_and_memory_stays_bounded(tmp_path):
     path = tmp_path / "long.log"
     path.write_bytes(b"a" * 5000 + b"\nshort\n" + b"b" * 3000)  # a long line, a short one, a long last one
