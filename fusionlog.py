@@ -748,8 +748,13 @@ def _keyed(values: list[str] | None, flag: str) -> dict[str, str]:
 _KEYED_FLAGS = ("labels", "format", "session", "window", "label_field")
 
 
-def _check_names(args, names: list[str]) -> None:
-    """Every NAME of a keyed flag is a system of this command: a typo is an error, not silently ignored."""
+def _check_args(args, names: list[str], outputs: Iterable[str], folder: bool = False) -> None:
+    """Before any work: every NAME of a keyed flag is a system here (a typo is no silent no-op), the outputs
+    can be written, the threshold is a probability."""
+    for flag in outputs:
+        check_output(getattr(args, flag[2:].replace("-", "_")), flag, folder)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold}: must be between 0 and 1")
     for dest in _KEYED_FLAGS:
         flag = "--" + dest.replace("_", "-")
         for name in _keyed(getattr(args, dest), flag):
@@ -931,8 +936,8 @@ def _client(args, progress) -> distill.ChatClient | None:
     except distill.LLMUnavailable:
         if url != DEFAULT_LLM_URL or args.llm_url or os.environ.get("OPENAI_BASE_URL"):
             raise  # an explicit URL never starts anything
-        progress(f"no LLM answers at {url}; starting the local teacher (the first time builds "
-                 f"llama-cpp-python: ~5-10 min; it keeps running: 'fusionlog llm stop' ends it)")
+        print(f"fusionlog: no LLM answers at {url}; starting the local teacher (the first time builds "
+              f"llama-cpp-python: ~5-10 min; it keeps running: 'fusionlog llm stop' ends it)", file=sys.stderr)
         teacher_start(Teacher(teacher_cache(), int(re.search(r":(\d+)", url)[1])), progress)
         client.check()
     return client
@@ -955,11 +960,7 @@ def _run_inputs(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     target = {n: input_files(p) for n, p in _keyed(args.target, "--target").items()}
     if len(target) != 1:
         raise ValueError("--target: give exactly one target system")
-    _check_names(args, list(sources) + list(target))
-    for flag in OUTPUTS:
-        check_output(getattr(args, flag[2:].replace("-", "_")), flag)
-    if not 0 <= args.threshold <= 1:
-        raise ValueError(f"--threshold {args.threshold}: must be between 0 and 1")
+    _check_args(args, list(sources) + list(target), OUTPUTS)
     _warn_same_logs(sources, target)
     return sources, target
 
@@ -1037,8 +1038,7 @@ def cmd_predict(args, progress) -> int:
     if len(inputs) != 1:
         raise ValueError(f"--input: give exactly one system to label (got {len(inputs)})")
     (name, path), = inputs.items()
-    _check_names(args, [name])
-    check_output(args.out, "--out", folder=bool(args.dask))
+    _check_args(args, [name], ["--out"], folder=bool(args.dask))
     spec, files = _system_specs(args, [(name, path)])[name], input_files(path)
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
