@@ -937,7 +937,8 @@ def _client(args, progress) -> distill.ChatClient | None:
         if url != DEFAULT_LLM_URL or args.llm_url or os.environ.get("OPENAI_BASE_URL"):
             raise  # an explicit URL never starts anything
         print(f"fusionlog: no LLM answers at {url}; starting the local teacher (the first time builds "
-              f"llama-cpp-python: ~5-10 min; it keeps running: 'fusionlog llm stop' ends it)", file=sys.stderr)
+              f"llama-cpp-python: ~5-10 min; it keeps running: 'fusionlog llm stop' ends it)",
+              file=sys.stderr)
         teacher_start(Teacher(teacher_cache(), int(re.search(r":(\d+)", url)[1])), progress)
         client.check()
     return client
@@ -1241,21 +1242,17 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    """The process runs llama_cpp.server (not a stale pid file or a recycled pid)."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:  # no /proc (macOS)
-        cmd = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True).stdout
-    return _exists(pid) and "llama_cpp.server" in cmd
-
-
 def _server_pid(t: Teacher) -> int | None:
+    """The pid file's process, if it runs llama_cpp.server (not a stale file or a recycled pid)."""
     try:
         pid = int(t.pid_file.read_text())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # it has ended, or there is no /proc (macOS): ps says
+        cmd = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True).stdout
+    return pid if _exists(pid) and "llama_cpp.server" in cmd else None
 
 
 def _call(cmd: list[str], say: Callable, what: str, env: dict | None = None) -> None:
