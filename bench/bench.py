@@ -573,18 +573,7 @@ def server_models(url: str, model: str, wait: float = 300.0) -> list[str]:
             say(f"{e}; busy? waiting")
 
 
-LOCAL_ALIAS = "local"  # the model id bench/local_llm.sh serves
-
-
-def local_model_file() -> str:
-    """The GGUF file bench/local_llm.sh serves (its MODEL_FILE_NAME), for the record."""
-    try:
-        for line in (ROOT / "bench" / "local_llm.sh").read_text().splitlines():
-            if line.startswith("readonly MODEL_FILE_NAME="):
-                return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    return "its model"
+LOCAL_ALIAS = "local"  # the model id `fusionlog llm start` serves
 
 
 def describe_llm(args, fake: bool) -> dict:
@@ -596,7 +585,7 @@ def describe_llm(args, fake: bool) -> dict:
     name = ("fake keyword-rule teacher of test_fusionlog.py (FakeLLM), not a real LLM" if fake
             else args.llm_name or ", ".join(models) or args.llm_model)
     if not fake and not args.llm_name and models == [LOCAL_ALIAS] and args.llm_url.rstrip("/") == fl.DEFAULT_LLM_URL:
-        name = f"'{LOCAL_ALIAS}' as served by bench/local_llm.sh: {local_model_file()} on llama-cpp-python"
+        name = f"'{LOCAL_ALIAS}' as served by fusionlog llm start: {fl.MODEL_FILE} on llama-cpp-python"
     return {"url": "fake" if fake else args.llm_url, "models": models, "model": name,
             "logprobs": args.logprobs, "response_format": args.response_format}
 
@@ -905,7 +894,7 @@ def main(argv=None) -> int:
         try:
             llm = describe_llm(args, fake_server is not None)
         except distill.LLMUnavailable as e:
-            print(f"bench: error: {e}; start one with 'bench/local_llm.sh start', or use --llm-url fake / none",
+            print(f"bench: error: {e}; start one with 'fusionlog llm start', or use --llm-url fake / none",
                   file=sys.stderr)
             return 2
         say(f"LLM: {llm['model']}")

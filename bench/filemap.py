@@ -28,7 +28,7 @@ rows = [
    ("fusion of the two branches: `fuse_branches`", r"    def fuse_branches"),
    ("`predict` (per session)", r"    def predict\("),
    ("plumbing: `SessionReader`, `stream_sessions`, `read_system`, labels", r"# Reading logs"),
-   ("the CLI: `main`", r"# Command line")]),
+   ("the CLI: `main`", r"# Command line"), ("the local teacher: `fusionlog llm`", r"# The local teacher")]),
 ]
 print("| file | paper step | where each part starts (line) |\n|---|---|---|")
 for f, step, parts in rows:
