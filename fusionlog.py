@@ -29,6 +29,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -491,17 +492,23 @@ MAX_LINE = 1 << 20  # bytes: a longer line keeps its first MAX_LINE (a log with 
 
 
 def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20, max_line: int = MAX_LINE,
-                 stats: dict | None = None) -> Iterator[list[str]]:
-    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come; bad bytes read as U+FFFD;
-    a line over `max_line` bytes is cut there, counted in stats['long_lines']."""
+                 stats: dict | None = None, start: int = 0, end: int | None = None) -> Iterator[list[str]]:
+    """A log's whole lines (file, .gz or '-' = stdin) in batches as they come, or with `start`/`end` those of
+    an uncompressed file that start in bytes [start, end); bad bytes read as U+FFFD; a line over `max_line`
+    bytes keeps its first max_line bytes, however the input is cut (counted in stats['long_lines'])."""
     f, rest, bom, skipping, stats = _open_binary(path), b"", "\ufeff", False, {} if stats is None else stats
     try:
+        if start or end is not None:  # a block: from the first line starting at `start` to the first at `end`
+            start, end = _line_start(f, start), _line_start(f, os.path.getsize(path) if end is None else end)
+            bom = bom if start == 0 else ""
+            f.seek(start)
+        left = math.inf if end is None else end - start
         while True:
-            try:
-                data = f.read1(max_bytes)
+            try:  # a read of at most max_line bytes: only a line begun before it can outgrow max_line
+                data = f.read1(min(max_bytes, max_line, left))
             except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip file
                 raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-            eof = not data
+            left, eof = left - len(data), not data
             if skipping:  # the cut line's tail, dropped up to its newline
                 _, nl, data = data.partition(b"\n")
                 if not (nl or eof):
@@ -509,7 +516,11 @@ def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20, max_line: in
                 skipping = False
             # at the end, what is left is a last line without its newline
             head, sep, rest = (rest + data).rpartition(b"\n") if not eof else (rest, rest[:1], b"")
-            if len(rest) > max_line:
+            n = head.find(b"\n") if b"\n" in head else len(head)
+            if n > max_line:  # the first line, complete, too long
+                head = head[:max_line] + head[n:]
+                stats["long_lines"] = stats.get("long_lines", 0) + 1
+            if len(rest) > max_line:  # a line still open, too long already
                 head, sep, rest, skipping = head + sep + rest[:max_line], b"\n", b"", True
                 stats["long_lines"] = stats.get("long_lines", 0) + 1
             if sep:
@@ -520,6 +531,17 @@ def read_batches(path: str | os.PathLike, max_bytes: int = 1 << 20, max_line: in
     finally:
         if f is not sys.stdin.buffer:
             f.close()
+
+
+def _line_start(f, offset: int) -> int:
+    """The offset of the first line that starts at or after `offset` in a seekable file."""
+    if offset == 0:
+        return 0
+    f.seek(offset - 1)
+    while chunk := f.read(1 << 16):
+        if (i := chunk.find(b"\n")) >= 0:
+            return f.tell() - len(chunk) + i + 1
+    return f.tell()
 
 
 def _open_binary(path: str | os.PathLike):
@@ -595,25 +617,6 @@ def format_hint(log_format: str) -> str:
 def window_id(path: str, sid: str, n_files: int) -> str:
     """A window's id: 'records a-b', after its file's name when the input is several files."""
     return sid if n_files == 1 else f"{Path(path).name} {sid}"
-
-
-def read_block(path: str, start: int, end: int, max_lines: int = 20_000) -> Iterator[list[str]]:
-    """The whole lines that start in bytes [start, end) of an uncompressed file, in batches."""
-    with open(path, "rb") as f:
-        if start:  # the line that began before `start` belongs to the block before
-            f.seek(start - 1)
-            f.readline()
-        data = f.read(max(end - f.tell(), 0))
-        if not data:  # no line starts in the block
-            return
-        if not data.endswith(b"\n"):
-            data += f.readline()  # the last line that starts in the block, whole
-    text = data.decode("utf-8", errors="replace")
-    lines = (text.removeprefix("\ufeff") if start == 0 else text).split("\n")
-    if text.endswith("\n"):
-        lines.pop()
-    for i in range(0, len(lines), max_lines):
-        yield lines[i:i + max_lines]
 
 
 def read_system(path: str | os.PathLike | list, spec: SystemSpec, name: str = "",
@@ -1101,7 +1104,7 @@ def dask_blocks(files: list[str], spec: SystemSpec, block_bytes: int) -> list[tu
 def block_fragments(block: tuple[int, str, int, int], spec: SystemSpec, name: str, n_files: int) -> list:
     """One partition's sessions as fragments (id, (file, offset), template texts, anomalous) to shuffle."""
     i, path, start, end = block
-    batches = read_batches(path) if end < 0 else read_block(path, start, end)
+    batches = read_batches(path, start=start, end=None if end < 0 else end)
     out = []
     try:
         for s in sessions_of_lines(batches, spec, name, strict=False):

@@ -2913,14 +2913,19 @@ def test_bench_flip_client_flips_exactly_the_given_keys_records_what_it_answered
 # ---- beyond one machine: the Dask engine labels as one process does (issue 15) ---------------------
 
 
-def test_blocks_of_a_file_hold_each_line_once(tmp_path):
-    text = "".join(f"line {i} {'x' * (i % 7)}\n" for i in range(40)) + "last line without newline"
-    path = write(tmp_path / "b.log", text)
-    size = os.path.getsize(path)
-    for block in (1, 5, 17, 64, size, size + 10):
-        got = [line for a in range(0, size, block)
-               for batch in fl.read_block(str(path), a, min(a + block, size)) for line in batch]
-        assert got == text.split("\n"), block
+def test_blocks_of_a_file_hold_each_line_once_and_a_long_line_is_cut_alike_however_it_is_read(tmp_path):
+    lines = [f"line {i} {'x' * (i * 7 % 45)}{'é' * (i % 3)}" for i in range(40)] + ["last, no newline"]
+    path = tmp_path / "b.log"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # a BOM first
+    size, cut = os.path.getsize(path), [x.encode()[:20].decode(errors="replace") for x in lines]
+    for chunk in (3, 8, 64, 4096):  # the whole file, then in blocks: every line once, each long one cut alike
+        stats = {}
+        assert [x for b in fl.read_batches(path, chunk, 20, stats) for x in b] == cut, chunk
+        assert stats["long_lines"] == sum(len(x.encode()) > 20 for x in lines)
+        for block in (1, 5, 17, 64, size, size + 10):
+            got = [x for a in range(0, size, block)
+                   for b in fl.read_batches(path, chunk, 20, start=a, end=min(a + block, size)) for x in b]
+            assert got == cut, (chunk, block)
 
 
 @pytest.fixture(scope="module")
