@@ -1029,11 +1029,16 @@ def input_files(path: str) -> list[str]:
     return files
 
 
-def predict_batch(model: FusionLog, s: Sessions, labels: dict[str, int] | None) -> Predictions:
-    """The prediction step of every engine: complete sessions (labels from a label file if any) -> labels."""
+def predict_batch(model: FusionLog, s: Sessions, labels: dict[str, int] | None,
+                  threshold: float | None = None) -> Predictions:
+    """The prediction step of every engine: complete sessions (labels from a label file if any) -> labels,
+    flagged from `threshold` if given, else from the model's."""
     if labels is not None:
         s.labels = np.array([labels.get(sid, -1) for sid in s.ids], dtype=np.int8)
-    return model.predict(s)
+    pred = model.predict(s)
+    if threshold is not None:
+        pred.labels = (pred.scores >= threshold).astype(np.int8)
+    return pred
 
 
 def cmd_predict(args, progress) -> int:
@@ -1047,16 +1052,13 @@ def cmd_predict(args, progress) -> int:
     label_file = _keyed(args.labels, "--labels").get(name)
     labels = read_labels(label_file) if label_file else None
     say = print if args.out != "-" else lambda m: print(m, file=sys.stderr)
-    if args.dask and ("-" in files or args.threshold is not None):
-        raise ValueError("--dask reads files (each worker opens its own blocks), not standard input"
-                         if "-" in files else "--threshold is not supported with --dask (yet)")
+    if args.dask and "-" in files:
+        raise ValueError("--dask reads files (each worker opens its own blocks), not standard input")
     if args.dask:
         counts, y_true, y_pred = predict_on_dask(args.dask, args.model, files, spec, name, labels, args.out,
-                                                 args.block_mb << 20)
+                                                 args.block_mb << 20, args.threshold)
     else:
         model = FusionLog.load(args.model, progress)
-        if args.threshold is not None:
-            model.config.threshold = args.threshold
         counts, y_true, y_pred = _predict_here(args, model, files, spec, name, labels, progress)
     general = np.repeat([True, False], [counts["general"], counts["sessions"] - counts["general"]])
     say(f"{name}: {counts['sessions']:,} sessions; routing: {router.split_summary(general)}")
@@ -1072,7 +1074,7 @@ def _predict_here(args, model, files, spec, name, labels, progress) -> tuple[dic
     summary = EndSummary(model, args.top)
     with PredictionWriter(args.out) as out:
         for batch in stream_files(files, spec, name, args.idle, progress):
-            pred = predict_batch(model, batch, labels)
+            pred = predict_batch(model, batch, labels, args.threshold)
             out.write(pred)
             summary.add(batch, pred)
             if batch.labels is not None:
@@ -1136,11 +1138,11 @@ def _model_of(data: bytes) -> FusionLog:
 
 
 def predict_partition(groups: list, model: bytes, labels: dict | None, name: str, labeled: bool,
-                      path: str) -> tuple[dict, np.ndarray | None, np.ndarray]:
+                      path: str, threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """One partition's sessions labeled and written to its own CSV; its counts (and labels) back."""
     s = sessions_of_fragments(name, groups, labeled or labels is not None)
     with PredictionWriter(path) as out:
-        pred = predict_batch(_model_of(model), s, labels) if len(s) else None
+        pred = predict_batch(_model_of(model), s, labels, threshold) if len(s) else None
         if pred is not None:
             out.write(pred)
     empty = np.zeros(0, np.int8)
@@ -1157,8 +1159,8 @@ def _session_of(fragment: tuple) -> str:
 
 
 def predict_on_dask(address: str, model_path: str, files: list[str], spec: SystemSpec, name: str,
-                    labels: dict | None, out_dir: str, block_bytes: int = 64 << 20
-                    ) -> tuple[dict, list, list]:
+                    labels: dict | None, out_dir: str, block_bytes: int = 64 << 20,
+                    threshold: float | None = None) -> tuple[dict, list, list]:
     """`predict` on a Dask cluster: 'local:N' (a LocalCluster of N worker processes on 127.0.0.1) or a
     scheduler's address; one CSV a partition in `out_dir`; the summed counts and the labels back."""
     from distributed import Client, LocalCluster
@@ -1167,12 +1169,13 @@ def predict_on_dask(address: str, model_path: str, files: list[str], spec: Syste
             address = stack.enter_context(LocalCluster(n_workers=int(address[6:]), threads_per_worker=1,
                                                        host="127.0.0.1", dashboard_address=None))
         client = stack.enter_context(Client(address))
-        return predict_on_client(client, model_path, files, spec, name, labels, out_dir, block_bytes)
+        return predict_on_client(client, model_path, files, spec, name, labels, out_dir, block_bytes,
+                                 threshold)
 
 
 def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpec, name: str,
-                      labels: dict | None, out_dir: str, block_bytes: int = 64 << 20
-                      ) -> tuple[dict, list, list]:
+                      labels: dict | None, out_dir: str, block_bytes: int = 64 << 20,
+                      threshold: float | None = None) -> tuple[dict, list, list]:
     """The Dask graph: blocks -> fragments -> shuffle on the session id -> one labeled CSV a partition."""
     import dask
     import dask.bag as db
@@ -1187,7 +1190,7 @@ def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpe
     os.makedirs(out_dir, exist_ok=True)
     labeled = bool(spec.label_field)
     parts = [dask.delayed(predict_partition)(part, model, shared_labels, name, labeled,
-                                             os.path.join(out_dir, f"part-{i:05d}.csv"))
+                                             os.path.join(out_dir, f"part-{i:05d}.csv"), threshold)
              for i, part in enumerate(groups.to_delayed())]
     results = dask.compute(*parts)
     counts = {k: sum(r[0][k] for r in results) for k in results[0][0]}

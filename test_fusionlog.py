@@ -3008,6 +3008,13 @@ def test_dask_labels_windows_per_file_as_one_process(dask_client, split_logs, ca
                     "--out", str(out), "--dask", dask_client.scheduler.address, *db_flags]) == 0
     assert_same_rows(one, dask_rows(out))
     assert len(one) == 40 and "db: 40 sessions" in capsys.readouterr().out
+    cut = float(np.median([score for _, score in one.values()]))  # --threshold: the same cut on both engines
+    low = single_process(tmp, "db", str(tmp / "db" / "*.log"), db_flags + ["--threshold", str(cut)])
+    assert fl.main(["-q", "predict", "--model", str(tmp / "m.npz"), "--input", f"db={tmp / 'db' / '*.log'}",
+                    "--out", str(tmp / "dask-db-cut"), "--dask", dask_client.scheduler.address,
+                    "--threshold", str(cut), *db_flags]) == 0
+    assert_same_rows(low, dask_rows(tmp / "dask-db-cut"))
+    assert all((label == "Anomaly") == (score >= cut) for label, score in low.values())
 
 
 def test_dask_refuses_standard_input_in_one_line(tmp_path, capsys):
