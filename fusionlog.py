@@ -1091,16 +1091,34 @@ def _predict_here(args, model, files, spec, name, labels, progress) -> tuple[dic
 
 def dask_blocks(files: list[str], spec: SystemSpec, block_bytes: int) -> list[tuple[int, str, int, int]]:
     """The partitions (file index, path, start, end): byte blocks of uncompressed files when sessions are by
-    id; a whole file (end -1) when gzipped or cut in windows (the windows of a file stay in order)."""
-    blocks = []
+    id, each starting at a record (lines that match no format continue the record before them, as in one
+    process); a whole file (end -1) when gzipped or cut in windows (the windows of a file stay in order)."""
+    blocks, line_re = [], compile_format(spec.log_format)
     for i, path in enumerate(files):
         _open_binary(path).close()  # a clear error for a missing or empty file, before the cluster starts
         with open(path, "rb") as f:
-            whole = spec.session_regex is None or f.read(2) == b"\x1f\x8b"
-        size = os.path.getsize(path)
-        starts = [0] if whole else range(0, size, block_bytes)
-        blocks += [(i, path, a, -1 if whole else min(a + block_bytes, size)) for a in starts]
+            if spec.session_regex is None or f.read(2) == b"\x1f\x8b":
+                blocks.append((i, path, 0, -1))
+                continue
+            size = os.path.getsize(path)
+            cuts = sorted({0, size} | {_record_start(f, a, line_re)
+                                       for a in range(block_bytes, size, block_bytes)})
+        blocks += [(i, path, a, b) for a, b in zip(cuts, cuts[1:])]
     return blocks
+
+
+def _record_start(f, offset: int, line_re: re.Pattern) -> int:
+    """The offset of the first line at or after `offset` that is a record (matches the log format)."""
+    pos = _line_start(f, offset)
+    f.seek(pos)
+    while line := f.readline(MAX_LINE):
+        text = line.decode("utf-8", errors="replace").strip()
+        if text and line_re.match(text):
+            return pos
+        pos += len(line)
+        while not line.endswith(b"\n") and (line := f.readline(MAX_LINE)):  # the rest of a long line
+            pos += len(line)
+    return pos
 
 
 def block_fragments(block: tuple[int, str, int, int], spec: SystemSpec, name: str, n_files: int) -> list:
@@ -1137,8 +1155,8 @@ def _model_of(data: bytes) -> FusionLog:
     return FusionLog.load(io.BytesIO(data))
 
 
-def predict_partition(groups: list, model: bytes, labels: dict | None, name: str, labeled: bool,
-                      path: str, threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
+def predict_partition(groups: list, model: bytes, labels: dict | None, name: str, labeled: bool, path: str,
+                      threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """One partition's sessions labeled and written to its own CSV; its counts (and labels) back."""
     s = sessions_of_fragments(name, groups, labeled or labels is not None)
     with PredictionWriter(path) as out:

@@ -2996,6 +2996,22 @@ def test_dask_labels_hdfs_blocks_split_over_files_as_one_process(dask_client, sp
     assert_same_rows(one, dask_rows(out))
 
 
+def test_dask_joins_a_continuation_line_at_a_block_start_to_the_record_before(dask_client, split_logs):
+    tmp, p = split_logs
+    lines = Path(p["hdfs"]).read_text().splitlines(keepends=True)
+    trace = ["java.io.IOException: Connection reset by peer\n", "\tat sun.nio.ch.FileDispatcher.read0\n"]
+    path = Path(write(tmp / "traced.log", "".join(x + "".join(trace) * (i % 4 == 0) for i, x in enumerate(lines))))
+    one = single_process(tmp, "HDFS", str(path))
+    data, size = path.read_bytes(), 2048
+    in_trace = [a for a in range(size, len(data), size) if data[data.find(b"\n", a - 1) + 1:][:1] in b"j\t"]
+    assert len(in_trace) >= 3  # the nominal cuts of several blocks fall inside a trace...
+    blocks = fl.dask_blocks([str(path)], fl.PRESETS["HDFS"], size)  # ...but every block starts at a record
+    assert len(blocks) > 10 and all(b[2] == 0 or data[b[2]:b[2] + 6].isdigit() for b in blocks)
+    fl.predict_on_client(dask_client, str(tmp / "m.npz"), [str(path)], fl.PRESETS["HDFS"], "HDFS", None,
+                         str(tmp / "dask-traced"), size)
+    assert_same_rows(one, dask_rows(tmp / "dask-traced"))
+
+
 def test_dask_labels_windows_per_file_as_one_process(dask_client, split_logs, capsys):
     tmp, p = split_logs
     db_flags = ["--format", "db=<Label> <Node> <Component> <Content>", "--window", "db=5",
