@@ -942,7 +942,7 @@ def _client(args, progress) -> distill.ChatClient | None:
         print(f"fusionlog: no LLM answers at {url}; starting the local teacher (the first time builds "
               f"llama-cpp-python: ~5-10 min; it keeps running: 'fusionlog llm stop' ends it)",
               file=sys.stderr)
-        teacher_start(Teacher(teacher_cache(), int(re.search(r":(\d+)", url)[1])), progress)
+        teacher_start(Teacher(cache_folder(), int(re.search(r":(\d+)", url)[1])), progress)
         client.check()
     return client
 
@@ -1227,7 +1227,8 @@ MODEL_SIZE, MODEL_SHA256 = 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff7
 _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "USER")
 
 
-def teacher_cache() -> Path:
+def cache_folder() -> Path:
+    """The cache folder ($FUSIONLOG_CACHE, else ~/.cache/fusionlog): the LLM answers, the local teacher."""
     return Path(os.environ.get("FUSIONLOG_CACHE") or Path.home() / ".cache" / "fusionlog")
 
 
@@ -1523,7 +1524,7 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
                          "HTTP 429/5xx); then the question is left to the small model"),
         llm_backoff=dict(type=float, default=1.0, help="first wait before a retry, doubled each time "
                          "(a server's Retry-After wins)"),
-        cache=dict(default=str(Path.home() / ".cache" / "fusionlog" / "answers.jsonl"),
+        cache=dict(default=str(cache_folder() / "answers.jsonl"),
                    help="LLM answer cache (JSONL; 'none' = off); an answered prompt is never asked again"))
     for dest, kw in flags.items():
         if dest not in skip:
@@ -1591,7 +1592,7 @@ def _llm_parser(sub) -> None:
                      "running.")
     llm.add_argument("action", choices=["start", "stop", "status"])
     llm.add_argument("--port", type=int, default=8080, help="its port on 127.0.0.1")
-    llm.add_argument("--cache-dir", default=str(teacher_cache()), help="where the venv, model, log and pid "
+    llm.add_argument("--cache-dir", default=str(cache_folder()), help="where the venv, model, log and pid "
                      "file live ($FUSIONLOG_CACHE)")
 
 

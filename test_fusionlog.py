@@ -2613,7 +2613,8 @@ def test_run_reads_a_glob_per_system_rotated_oldest_first_gz_among_them(tmp_path
     assert [r["session"] for r in read_csv(tmp_path / "pred.csv")] == whole.ids
 
 
-def test_help_has_real_defaults_q_goes_after_the_command_and_there_is_a_version(capsys):
+def test_help_has_real_defaults_q_goes_after_the_command_and_there_is_a_version(capsys, monkeypatch,
+                                                                              tmp_path):
     for argv in (["run", "--help"], ["predict", "--help"], ["llm", "--help"]):
         with pytest.raises(SystemExit):
             fl.main(argv)
@@ -2625,6 +2626,10 @@ def test_help_has_real_defaults_q_goes_after_the_command_and_there_is_a_version(
     assert capsys.readouterr().out.strip() == f"fusionlog {fl.VERSION}"
     assert fl.main(["presets", "-q"]) == 0 and fl.build_parser().parse_args(["run", "-q", "--source", "a=b",
                                                                               "--target", "c=d"]).quiet
+    monkeypatch.setenv("FUSIONLOG_CACHE", str(tmp_path))  # one cache folder: the answers and the teacher
+    args = fl.build_parser().parse_args(["run", "--source", "a=b", "--target", "c=d"])
+    assert args.cache == str(tmp_path / "answers.jsonl")
+    assert fl.build_parser().parse_args(["llm", "status"]).cache_dir == str(tmp_path)
 
 
 def test_the_end_of_a_run_lists_its_top_sessions_threshold_and_predict_warns_on_an_unseen_system(tmp_path, capsys):
