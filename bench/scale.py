@@ -30,13 +30,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def on_dask(workers: int, model: Path, files: list[str], out: Path, block_mb: int
+def on_dask(workers: int, model: Path, files: list[str], out: Path, block_mb: int, memory_limit: str
             ) -> tuple[float, float, list]:
     """One Dask run: its start-up and wall seconds and each worker's peak RSS."""
     from distributed import Client, LocalCluster
     t = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+                      memory_limit=memory_limit) as cluster, Client(cluster) as client:
         start = time.perf_counter() - t
         t = time.perf_counter()
         fl.predict_on_client(client, str(model), files, fl.PRESETS["HDFS"], "HDFS", None, str(out),
@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--block-mb", type=int, default=64)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--memory-limit", default="auto", help="each worker's Dask memory limit (e.g. 250MB): "
+                    "beyond 60%% of it a worker spills stored results to disk; auto = RAM / workers")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fusionlog-scale-"))
     try:
@@ -80,13 +82,15 @@ def main() -> int:
               flush=True)
         base = None
         for w in map(int, args.workers.split(",")):
-            start, wall, rsses = on_dask(w, tmp / "m.npz", files, tmp / f"dask{w}", args.block_mb)
+            start, wall, rsses = on_dask(w, tmp / "m.npz", files, tmp / f"dask{w}", args.block_mb,
+                                         args.memory_limit)
             ok = same(rows_of(sorted((tmp / f"dask{w}").glob("part-*.csv"))), one)
             base = base or n / wall
             print(f"| Dask, {w} worker{'s' * (w > 1)} | {n:,} | {start:.1f} | {wall:.1f} | {n / wall:,.0f} | "
                   f"{n / wall / base:.2f}x | {', '.join(f'{r:.0f}' for r in rsses)} | {ok} |", flush=True)
         size = os.path.getsize(hdfs) / 2**20
-        print(f"\n{args.copies} files of {size:.0f} MB, blocks of {args.block_mb} MB, {os.cpu_count()} cores")
+        print(f"\n{args.copies} files of {size:.0f} MB, blocks of {args.block_mb} MB, worker memory limit "
+              f"{args.memory_limit}, {os.cpu_count()} cores")
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
