@@ -366,7 +366,7 @@ def compile_format(log_format: str) -> re.Pattern:
             if i == len(parts) - 2 and parts[-1] == "":  # the field ends the line
                 pattern += f"(?P<{name}>.*)"
             elif parts[i + 1].startswith(" "):  # one token: a traceback line cannot make the engine try
-                pattern += rf"(?P<{name}>\S*?)"  # every split of it among the fields (minutes a line)
+                pattern += rf"(?P<{name}>\S*)"  # every split of it among the fields (minutes a line)
             else:
                 pattern += f"(?P<{name}>.*?)"
         else:
