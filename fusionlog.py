@@ -965,6 +965,7 @@ def _run_inputs(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     if len(target) != 1:
         raise ValueError("--target: give exactly one target system")
     _check_args(args, list(sources) + list(target), OUTPUTS)
+    _system_specs(args, [(n, files[0]) for n, files in {**sources, **target}.items()])  # before any reading
     _warn_same_logs(sources, target)
     return sources, target
 
