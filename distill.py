@@ -56,13 +56,23 @@ W_LLM = 0.5              # ... when a confident LLM overrules the SM
 W_SM = 0.3               # ... when the LLM was never asked and the SM alone is sure
 REPLAY_RATIO = 1.0       # labeled source sessions replayed per pseudo-labeled session in fine-tuning
 MIN_CLASS_SHARE = 0.005  # fine-tune only if each class holds this share of the pseudo-label weight
+ROUTINE_SHARE = 1 / 3     # a template-set holding at least this share of the sessions is normal operation
 
 
 # ---- which template-sets to ask about
-def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int) -> list[int]:
-    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting."""
+def routine_groups(sizes) -> np.ndarray:
+    """(G,) bool: the template-sets holding at least ROUTINE_SHARE of the sessions (sizes (G,)), normal by
+    the base rate (anomalies are a minority), whatever the LLM would say: never asked, never flipped."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    return sizes >= ROUTINE_SHARE * max(sizes.sum(), 1.0)
+
+
+def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int, routine=None) -> list[int]:
+    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting;
+    never a routine one (routine (G,) bool)."""
+    skip = np.zeros(len(p), bool) if routine is None else np.asarray(routine, bool)
     want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
-            if g not in answers or answers[g].label != sm_label[g]]
+            if not skip[g] and (g not in answers or answers[g].label != sm_label[g])]
     return diverse_first(want, question_vecs, set(answers), budget, DIVERSITY)
 
 
@@ -158,9 +168,12 @@ def fuse(p_sm: float, llm: Answer | None, c: DistillConfig) -> tuple[int, float]
     return (llm.label, W_LLM) if confidence >= c.trust else (-1, 0.0)
 
 
-def fuse_all(p, answers: dict, config: DistillConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers."""
+def fuse_all(p, answers: dict, config: DistillConfig, routine=None) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers;
+    a routine group (routine (G,) bool) is normal with weight W_AGREE."""
     fused = np.array([fuse(p[g], answers.get(g), config) for g in range(len(p))], np.float64).reshape(-1, 2)
+    if routine is not None:
+        fused[np.asarray(routine, bool)] = (0, W_AGREE)
     return fused[:, 0].astype(np.int64), fused[:, 1]
 
 
@@ -184,6 +197,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
     answers, asked_with = {}, {}  # group -> its latest Answer, and the cache key of the prompt it answered
     budget = min(c.budget, int(c.budget_share * G))
+    routine = routine_groups(sizes)  # (G,) patterns so common they are the system's normal operation
     labels, examples, rounds = np.full(G, -1, dtype=np.int64), pool, []
     for r in range(1, c.rounds + 1):
         say_r = lambda msg, r=r: say(f"distill round {r}: {msg}")  # noqa: E731
@@ -191,11 +205,11 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         p = np.bincount(group, weights=predict_proba(X, params), minlength=G) / np.maximum(sizes, 1)  # (G,)
         sm_label = (p >= 0.5).astype(np.int64)
         # 2. ask the LLM about unanswered and disputed groups, the SM's least sure first, within the budget
-        want = whom_to_ask(p, sm_label, answers, question_vecs, budget)
+        want = whom_to_ask(p, sm_label, answers, question_vecs, budget, routine)
         asking = prompts(want, questions, question_vecs, examples)
         record, budget = ask(client, want, asking, answers, asked_with, budget, c.concurrency, say_r)
         # 3. fuse the two views of each group into a weighted pseudo-label
-        prev, (labels, weights) = labels, fuse_all(p, answers, c)
+        prev, (labels, weights) = labels, fuse_all(p, answers, c, routine)
         agreed = sum(1 for g, a in answers.items() if a.label == sm_label[g])
         rounds.append(dict(round=r, **record, agreed=agreed, disputed=len(answers) - agreed,
                            flipped=int(np.sum(labels != prev)), pseudo_labeled=int(np.sum(weights > 0)),
