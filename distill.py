@@ -8,8 +8,9 @@ Below: whom to ask, the RAG prompts, the fusion, the loop, fine-tuning with repl
 Departures (README's "Departures from the paper" gives the measured effect of each): one question per distinct
 template-set (a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the
 stated confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure
-groups are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label;
-fine-tuning replays source sessions and is skipped when the pseudo-labels hold one class only.
+groups are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; a group
+holding a third of the sessions is normal by the base rate, never asked; fine-tuning replays source sessions
+and is skipped when the pseudo-labels hold one class only.
 """
 from __future__ import annotations
 
