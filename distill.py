@@ -58,11 +58,12 @@ MIN_CLASS_SHARE = 0.005  # fine-tune only if each class holds this share of the 
 ROUTINE_SHARE = 1 / 3     # a template-set holding at least this share of the sessions is normal operation
 
 # ---- which template-sets to ask about
-def routine_groups(sizes) -> np.ndarray:
-    """(G,) bool: the template-sets holding at least ROUTINE_SHARE of the sessions (sizes (G,)), normal by
-    the base rate (anomalies are a minority), whatever the LLM would say: never asked, never flipped."""
+def routine_groups(sizes, total: int | None = None) -> np.ndarray:
+    """(G,) bool: the template-sets holding at least ROUTINE_SHARE of the total sessions (sizes (G,); total:
+    the whole target's, default their sum), normal by the base rate (anomalies are a minority), whatever
+    the LLM would say: never asked, never flipped."""
     sizes = np.asarray(sizes, dtype=np.float64)
-    return sizes >= ROUTINE_SHARE * max(sizes.sum(), 1.0)
+    return sizes >= ROUTINE_SHARE * max(sizes.sum() if total is None else total, 1.0)
 
 def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int, routine=None) -> list[int]:
     """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting;
@@ -174,16 +175,18 @@ class DistillResult:
 
 def distill(params: dict, X, group, questions: list, question_vecs, pool: ExamplePool, replay,
             client: ChatClient, config: DistillConfig | None = None, *, predict_proba: Callable,
-            fine_tune: Callable, progress: Callable[[str], None] | None = None) -> DistillResult:
+            fine_tune: Callable, progress: Callable[[str], None] | None = None,
+            population: int | None = None) -> DistillResult:
     """Multi-round LLM <-> SM distillation over the proprietary sessions X (n, D); group (n,) maps them to
     template-sets 0..G-1, described by questions[g] = [(template, count), ...] and question_vecs (G, V);
-    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w)."""
+    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w);
+    population: the target's sessions, both branches (default n), of which a routine set holds a third."""
     c, say = config or DistillConfig(), progress or (lambda msg: None)
     group, G = _checked_groups(group, X, questions, question_vecs), len(questions)
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
     answers, asked_with = {}, {}  # group -> its latest Answer, and the cache key of the prompt it answered
     budget = min(c.budget, int(c.budget_share * G))
-    routine = routine_groups(sizes)  # (G,) patterns so common they are the system's normal operation
+    routine = routine_groups(sizes, population)  # (G,) patterns so common they are normal operation
     labels, examples, rounds = np.full(G, -1, dtype=np.int64), pool, []
     for r in range(1, c.rounds + 1):
         say_r = lambda msg, r=r: say(f"distill round {r}: {msg}")  # noqa: E731

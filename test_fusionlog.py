@@ -1082,6 +1082,9 @@ def test_routine_groups_are_those_holding_a_third_of_the_sessions():
     assert distill.routine_groups([10, 5, 5, 10]).tolist() == [True, False, False, True]  # 1/3 counts
     assert distill.routine_groups([30, 31, 39]).tolist() == [False, False, True]
     assert not distill.routine_groups([1] * 9).any() and distill.routine_groups([]).shape == (0,)
+    # a share of the whole target (both branches): 40 of 100 is routine; 30 of 100 is not (though 30 of 40)
+    assert distill.routine_groups([40, 0], total=100).tolist() == [True, False]
+    assert not distill.routine_groups([30, 10], total=100).any()
 
 
 def test_distill_never_asks_about_a_routine_set_and_trains_it_as_normal(fake_llm, tmp_path):
