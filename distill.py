@@ -8,8 +8,9 @@ Below: whom to ask, the RAG prompts, the fusion, the loop, fine-tuning with repl
 Departures (README's "Departures from the paper" gives the measured effect of each): one question per distinct
 template-set (a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the
 stated confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure
-groups are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label;
-fine-tuning replays source sessions and is skipped when the pseudo-labels hold one class only.
+groups are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; a group
+holding a third of the sessions is normal by the base rate, never asked; fine-tuning replays source sessions
+and is skipped when the pseudo-labels hold one class only.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import scipy.sparse as sp
 
 import router
 
-
 # ---- the knobs
 @dataclass
 class DistillConfig:
@@ -44,7 +44,6 @@ class DistillConfig:
     trust: float = 0.8         # the LLM overrules a disagreeing SM only with this confidence
     seed: int = 0              # replay sampling
 
-
 DIVERSITY = 0.95         # a question with cosine >= this to one already picked waits (0 = off)
 K_EXAMPLES = 2           # retrieved examples per question
 MIN_SIMILARITY = 0.3     # less similar examples are not shown
@@ -56,15 +55,23 @@ W_LLM = 0.5              # ... when a confident LLM overrules the SM
 W_SM = 0.3               # ... when the LLM was never asked and the SM alone is sure
 REPLAY_RATIO = 1.0       # labeled source sessions replayed per pseudo-labeled session in fine-tuning
 MIN_CLASS_SHARE = 0.005  # fine-tune only if each class holds this share of the pseudo-label weight
-
+ROUTINE_SHARE = 1 / 3     # a template-set holding at least this share of the sessions is normal operation
 
 # ---- which template-sets to ask about
-def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int) -> list[int]:
-    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting."""
-    want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
-            if g not in answers or answers[g].label != sm_label[g]]
-    return diverse_first(want, question_vecs, set(answers), budget, DIVERSITY)
+def routine_groups(sizes, total: int | None = None) -> np.ndarray:
+    """(G,) bool: the template-sets holding at least ROUTINE_SHARE of the total sessions (sizes (G,); total:
+    the whole target's, default their sum), normal by the base rate (anomalies are a minority), whatever
+    the LLM would say: never asked, never flipped."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    return sizes >= ROUTINE_SHARE * max(sizes.sum() if total is None else total, 1.0)
 
+def whom_to_ask(p, sm_label, answers: dict, question_vecs, budget: int, routine=None) -> list[int]:
+    """Groups unanswered or disputed, the SM's least sure (p (G,) nearest 0.5) first, near-copies waiting;
+    never a routine one (routine (G,) bool)."""
+    skip = np.zeros(len(p), bool) if routine is None else np.asarray(routine, bool)
+    want = [int(g) for g in np.argsort(np.abs(p - 0.5), kind="stable")
+            if not skip[g] and (g not in answers or answers[g].label != sm_label[g])]
+    return diverse_first(want, question_vecs, set(answers), budget, DIVERSITY)
 
 def diverse_first(order: list[int], question_vecs, answered: set, budget: int, cap: float) -> list[int]:
     """`order` with its first `budget` unanswered groups diverse (none at cosine >= cap to a pick) first."""
@@ -77,7 +84,6 @@ def diverse_first(order: list[int], question_vecs, answered: set, budget: int, c
         (rest if waits else picked).append(g)
     return picked + rest
 
-
 # ---- RAG prompts: the question and its nearest labeled examples
 SYSTEM_PROMPT = (
     "You label sessions of system logs as normal or anomalous. A session is shown as the distinct log "
@@ -87,7 +93,6 @@ SYSTEM_PROMPT = (
     "anomalous only if an operation failed, an error was reported or the system misbehaved. Reply with one "
     'JSON object: {"label": "normal" or "anomalous", "confidence": 0 to 1, "reason": a few words}.')
 
-
 def format_session(templates_with_counts: list[tuple[str, int]], max_templates: int) -> str:
     """One line per distinct template: its JSON-quoted text (cut) and ' x<count>'; capped at max_templates."""
     lines = [f"{json.dumps(t if len(t) <= MAX_TEMPLATE_CHARS else t[:MAX_TEMPLATE_CHARS] + '...')} x{int(n)}"
@@ -95,7 +100,6 @@ def format_session(templates_with_counts: list[tuple[str, int]], max_templates: 
     if len(templates_with_counts) > max_templates:
         lines.append(f"(+{len(templates_with_counts) - max_templates} more distinct templates)")
     return "Session:\n" + ("\n".join(lines) if lines else "(no log lines)")
-
 
 def build_messages(templates_with_counts: list, examples: list[tuple[list, int]],
                    max_templates=MAX_TEMPLATES, example_templates=EXAMPLE_TEMPLATES) -> list[dict]:
@@ -106,7 +110,6 @@ def build_messages(templates_with_counts: list, examples: list[tuple[list, int]]
                      {"role": "assistant", "content": json.dumps(
                          {"label": LABEL_NAMES[int(label)], "confidence": 1.0, "reason": "labeled example"})}]
     return messages + [{"role": "user", "content": format_session(templates_with_counts, max_templates)}]
-
 
 @dataclass
 class ExamplePool:
@@ -123,11 +126,9 @@ class ExamplePool:
             raise ValueError(f"example pool: {len(self.texts)} texts, {self.vecs.shape[0]} vectors, "
                              f"{len(self.labels)} labels, {len(self.origin)} origins")
 
-
 def retrieve(query_vecs, pool_vecs, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (q, min(k, p)) of the pool rows most similar to each query, best first, and their cosines."""
     return router.most_similar(*map(router.l2_normalize_rows, (query_vecs, pool_vecs)), k)
-
 
 def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> list:
     """RAG prompts: each group's question with its K_EXAMPLES most similar pool examples (never itself)."""
@@ -141,7 +142,6 @@ def prompts(groups: list[int], questions, question_vecs, pool: ExamplePool) -> l
         shots = [(pool.texts[j], int(pool.labels[j])) for j in reversed(chosen)]  # the closest last
         out.append(build_messages(questions[g], shots))
     return out
-
 
 # ---- pseudo-label fusion: the LLM's and the SM's views of one template-set
 def fuse(p_sm: float, llm: Answer | None, c: DistillConfig) -> tuple[int, float]:
@@ -157,12 +157,13 @@ def fuse(p_sm: float, llm: Answer | None, c: DistillConfig) -> tuple[int, float]
     confidence = llm.confidence if p is None else p if llm.label == 1 else 1.0 - p
     return (llm.label, W_LLM) if confidence >= c.trust else (-1, 0.0)
 
-
-def fuse_all(p, answers: dict, config: DistillConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers."""
+def fuse_all(p, answers: dict, config: DistillConfig, routine=None) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers;
+    a routine group (routine (G,) bool) is normal with weight W_AGREE."""
     fused = np.array([fuse(p[g], answers.get(g), config) for g in range(len(p))], np.float64).reshape(-1, 2)
+    if routine is not None:
+        fused[np.asarray(routine, bool)] = (0, W_AGREE)
     return fused[:, 0].astype(np.int64), fused[:, 1]
-
 
 # ---- the multi-round distillation loop
 @dataclass
@@ -172,18 +173,20 @@ class DistillResult:
     answers: dict  # group -> its latest Answer
     rounds: list   # per round: asked, cached, failed, agreed, disputed, flipped, faults, pseudo_labeled, ...
 
-
 def distill(params: dict, X, group, questions: list, question_vecs, pool: ExamplePool, replay,
             client: ChatClient, config: DistillConfig | None = None, *, predict_proba: Callable,
-            fine_tune: Callable, progress: Callable[[str], None] | None = None) -> DistillResult:
+            fine_tune: Callable, progress: Callable[[str], None] | None = None,
+            population: int | None = None) -> DistillResult:
     """Multi-round LLM <-> SM distillation over the proprietary sessions X (n, D); group (n,) maps them to
     template-sets 0..G-1, described by questions[g] = [(template, count), ...] and question_vecs (G, V);
-    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w)."""
+    replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w);
+    population: the target's sessions, both branches (default n), of which a routine set holds a third."""
     c, say = config or DistillConfig(), progress or (lambda msg: None)
     group, G = _checked_groups(group, X, questions, question_vecs), len(questions)
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
     answers, asked_with = {}, {}  # group -> its latest Answer, and the cache key of the prompt it answered
     budget = min(c.budget, int(c.budget_share * G))
+    routine = routine_groups(sizes, population)  # (G,) patterns so common they are normal operation
     labels, examples, rounds = np.full(G, -1, dtype=np.int64), pool, []
     for r in range(1, c.rounds + 1):
         say_r = lambda msg, r=r: say(f"distill round {r}: {msg}")  # noqa: E731
@@ -191,11 +194,11 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         p = np.bincount(group, weights=predict_proba(X, params), minlength=G) / np.maximum(sizes, 1)  # (G,)
         sm_label = (p >= 0.5).astype(np.int64)
         # 2. ask the LLM about unanswered and disputed groups, the SM's least sure first, within the budget
-        want = whom_to_ask(p, sm_label, answers, question_vecs, budget)
+        want = whom_to_ask(p, sm_label, answers, question_vecs, budget, routine)
         asking = prompts(want, questions, question_vecs, examples)
         record, budget = ask(client, want, asking, answers, asked_with, budget, c.concurrency, say_r)
         # 3. fuse the two views of each group into a weighted pseudo-label
-        prev, (labels, weights) = labels, fuse_all(p, answers, c)
+        prev, (labels, weights) = labels, fuse_all(p, answers, c, routine)
         agreed = sum(1 for g, a in answers.items() if a.label == sm_label[g])
         rounds.append(dict(round=r, **record, agreed=agreed, disputed=len(answers) - agreed,
                            flipped=int(np.sum(labels != prev)), pseudo_labeled=int(np.sum(weights > 0)),
@@ -220,7 +223,6 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         examples = with_agreed(pool, answers, sm_label, labels, questions, question_vecs)
     return DistillResult(params, answers, rounds)
 
-
 def ask(client: ChatClient, want: list[int], messages: list, answers: dict, asked_with: dict, budget: int,
         concurrency: int, say) -> tuple[dict, int]:
     """Ask each wanted group its prompt, unless it answered that one already, within the budget; keep answers
@@ -238,14 +240,12 @@ def ask(client: ChatClient, want: list[int], messages: list, answers: dict, aske
     budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget - len(jobs)  # all failed: down
     return dict(asked=len(jobs), cached=n_cached, failed=failed, faults=faults), budget
 
-
 def with_agreed(pool: ExamplePool, answers: dict, sm_label, labels, questions, question_vecs) -> ExamplePool:
     """The pool plus the target groups on which the LLM and the SM agree, as labeled examples."""
     agree = [g for g, a in sorted(answers.items()) if a.label == sm_label[g]]
     return ExamplePool(list(pool.texts) + [questions[g] for g in agree],
                        sp.vstack([pool.vecs, question_vecs[agree]]).tocsr(),
                        np.concatenate([pool.labels, labels[agree]]), np.concatenate([pool.origin, agree]))
-
 
 def _checked_groups(group, X, questions, question_vecs) -> np.ndarray:
     group, G = np.asarray(group, dtype=np.int64), len(questions)
@@ -255,14 +255,12 @@ def _checked_groups(group, X, questions, question_vecs) -> np.ndarray:
         raise ValueError(f"{G} questions but {question_vecs.shape[0]} question vectors")
     return group
 
-
 # ---- fine-tuning with replay
 def both_classes(labels, weights, min_share: float) -> bool:
     """Whether each class holds at least min_share of the total weight (labels 0/1, weights >= 0)."""
     total = float(np.sum(weights))
     anomalous = float(np.sum(np.asarray(weights)[np.asarray(labels) == 1]))
     return total > 0 and min(anomalous, total - anomalous) >= min_share * total
-
 
 def with_replay(X, y, w, replay, rng: np.random.Generator) -> tuple:
     """(X, y, w) plus REPLAY_RATIO times as many labeled source sessions (weight 1, without replacement)."""
@@ -273,7 +271,6 @@ def with_replay(X, y, w, replay, rng: np.random.Generator) -> tuple:
     X = sp.vstack([X, replay[0][pick]]).tocsr() if sp.issparse(X) else np.vstack([X, replay[0][pick]])
     return X, np.concatenate([y, np.asarray(replay[1])[pick]]), np.concatenate([w, np.ones(m)])
 
-
 # ---- plumbing: answers and their parsing, the answer cache, the OpenAI-compatible client
 SCHEMA = {  # no min/max keywords: OpenAI's strict mode rejects some; parse_answer checks the range
     "type": "object",
@@ -282,18 +279,14 @@ SCHEMA = {  # no min/max keywords: OpenAI's strict mode rejects some; parse_answ
     "required": ["label", "confidence", "reason"], "additionalProperties": False}
 LABEL_NAMES = ("normal", "anomalous")  # index = label
 
-
 class LLMError(ValueError):
     """An LLM request failed after its retries, or its reply was unusable."""
-
 
 class LLMUnavailable(LLMError):
     """The LLM server cannot be reached at all."""
 
-
 class BadAnswer(LLMError):
     """The LLM replied, but not with a valid answer."""
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -304,11 +297,9 @@ class Answer:
     p_anomalous: float | None = None  # from the label token's log-probabilities, when the server gives them
     cached: bool = False              # served by the AnswerCache, no HTTP request made
 
-
 def clip(value, n: int = 60) -> str:
     """repr() of a value cut to one short line, for error messages."""
     return s if len(s := repr(value)) <= n else s[: n - 3] + "..."
-
 
 def parse_answer(text: str) -> Answer:
     """The JSON object with a "label" in `text` (prose and fences around it ignored), checked against SCHEMA;
@@ -336,7 +327,6 @@ def parse_answer(text: str) -> Answer:
     reason = reason[:300] if isinstance(reason, str) else ""
     return Answer(LABEL_NAMES.index(label.strip().lower()), float(conf), reason)
 
-
 def label_probability(logprobs) -> float | None:
     """p(anomalous) from a chat reply's `choices[0].logprobs` (OpenAI's format, also llama.cpp's, vLLM's), or
     None: the mass of the label value's first-token candidates that begin "anomalous" against "normal"."""
@@ -360,13 +350,11 @@ def label_probability(logprobs) -> float | None:
     except (KeyError, TypeError, ValueError, IndexError):
         return None  # no or an unexpected shape: fall back to the stated confidence
 
-
 def cache_key(model: str, messages: list[dict], logprobs: bool = False) -> str:
     """sha256 of the model name and the canonical JSON of the messages (and whether logprobs were asked)."""
     blob = json.dumps({"model": model, "messages": messages, "logprobs": bool(logprobs)},
                       sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
 
 class AnswerCache:
     """Append-only JSONL of answers by key; a torn or corrupt line is skipped (and counted), not fatal."""
@@ -404,7 +392,6 @@ class AnswerCache:
             f.write(line + "\n")
             self._answers[key] = replace(answer, cached=True)
 
-
 RESPONSE_FORMATS = {  # the payload's part per format: llama.cpp (a grammar); OpenAI, vLLM; Ollama, free text
     "json_object_schema": {"response_format": {"type": "json_object", "schema": SCHEMA}},
     "json_schema": {"response_format": {"type": "json_schema",
@@ -412,7 +399,6 @@ RESPONSE_FORMATS = {  # the payload's part per format: llama.cpp (a grammar); Op
     "none": {}}
 RETRY_STATUS = {429, 500, 502, 503}
 RETRY_ERRORS = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
-
 
 class ChatClient:
     """OpenAI-compatible chat completions over one requests.Session, with retries, a deadline and a cache."""
@@ -544,7 +530,6 @@ class ChatClient:
             why = "connection refused" if "refused" in str(e).lower() else type(e).__name__
             raise LLMUnavailable(f"LLM server at {url} cannot be reached ({why})") from None
         raise LLMUnavailable(f"LLM server at {url} answered HTTP {status}")
-
 
 def ask_all(client: ChatClient, jobs: list[tuple[int, list[dict]]], concurrency: int,
             say: Callable[[str], None] = lambda msg: None, every: float = 10.0) -> dict:

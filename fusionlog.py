@@ -201,7 +201,7 @@ class FusionLog:
                                  replay, self.client, self.config.distill,
                                  predict_proba=metamodel.predict_proba,
                                  fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta),
-                                 progress=self.progress)
+                                 progress=self.progress, population=len(target))
         self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
         # where the LLM and the distilled small model agree on a set, that set's sessions share one verdict
         p = np.bincount(group, metamodel.predict_proba(tgt.X[index], result.params)) / np.bincount(group)

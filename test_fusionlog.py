@@ -1078,6 +1078,35 @@ def test_disputed_groups_are_asked_again_with_in_system_examples(fake_llm, tmp_p
     assert set(np.round(weights, 6)) == {0.5, 1.0}
 
 
+def test_routine_groups_are_those_holding_a_third_of_the_sessions():
+    assert distill.routine_groups([10, 5, 5, 10]).tolist() == [True, False, False, True]  # 1/3 counts
+    assert distill.routine_groups([30, 31, 39]).tolist() == [False, False, True]
+    assert not distill.routine_groups([1] * 9).any() and distill.routine_groups([]).shape == (0,)
+    # a share of the whole target (both branches): 40 of 100 is routine; 30 of 100 is not (though 30 of 40)
+    assert distill.routine_groups([40, 0], total=100).tolist() == [True, False]
+    assert not distill.routine_groups([30, 10], total=100).any()
+
+
+def test_distill_never_asks_about_a_routine_set_and_trains_it_as_normal(fake_llm, tmp_path):
+    # group 2 holds "Exception in receiveBlock <*>" (the fake LLM calls it anomalous); here most sessions hold it
+    X, group, questions, qv, pool, replay = problem()
+    more = len(group)
+    X = sp.vstack([X] + [X[np.flatnonzero(group == 2)[0]]] * more).tocsr()
+    group = np.concatenate([group, np.full(more, 2)])
+    assert np.flatnonzero(distill.routine_groups(np.bincount(group))).tolist() == [2]
+    before, tuned = len(fake_llm.bodies), []
+    res = distill.distill({"w": np.zeros(X.shape[1]), "b": 0.0}, X, group, questions, qv, pool, replay,
+                          ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl")),
+                          DistillConfig(rounds=3, budget_share=1.0), predict_proba=lr_predict,
+                          fine_tune=recording(lr_fine_tune, tuned))
+    assert sorted(res.answers) == [g for g in range(len(GROUPS)) if g != 2]  # every other set was asked
+    asked = {b["messages"][-1]["content"] for b in fake_llm.bodies[before:]}
+    assert distill.format_session(questions[2], distill.MAX_TEMPLATES) not in asked
+    labels, weights = pseudo_labels_seen(tuned, qv)
+    assert labels[2] == 0 and weights[2] == distill.W_AGREE and RULE[2] == 1
+    assert all(labels[g] == RULE[g] for g in range(len(GROUPS)) if g != 2)
+
+
 def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path, monkeypatch):
     """A healthy period (every set normal): fine-tuning would teach "this system's words = normal" against
     replayed source anomalies, so it is skipped, unless MIN_CLASS_SHARE is 0."""

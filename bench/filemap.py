@@ -19,7 +19,8 @@ rows = [
    ("tasks: `pseudo_domains`, `support_query`", r"def pseudo_domains"), ("`maml_train`", r"def maml_train"),
    ("`fine_tune`", r"def fine_tune"), ("plumbing: `save`, `load`", r"def save")]),
  ("distill.py", "proprietary branch: LLM ↔ small model distillation with RAG (Sec. 3.4)", [
-   ("`DistillConfig`", r"class DistillConfig"), ("whom to ask: `whom_to_ask`, `diverse_first`", r"def whom_to_ask"),
+   ("`DistillConfig`", r"class DistillConfig"), ("whom to ask: `routine_groups`, `whom_to_ask`, `diverse_first`",
+                                    r"def routine_groups"),
    ("RAG prompts: `build_messages`, `retrieve`, `prompts`", r"def format_session"),
    ("pseudo-label fusion: `fuse`", r"def fuse\("), ("the loop: `distill`", r"def distill\("),
    ("plumbing: `parse_answer`, `AnswerCache`, `ChatClient`, `ask_all`", r"# ---- plumbing")]),
