@@ -907,7 +907,7 @@ class EndSummary:
         self.unseen += int(np.logical_or.reduceat(new[np.concatenate(s.sequences)], starts).sum())
         for i in np.argsort(-pred.scores, kind="stable")[:self.n]:
             rare = sorted({s.templates[t] for t in s.sequences[i].tolist()},
-                          key=lambda t: self.share.get(t, 0))  # (unseen at fit: rarest)
+                          key=lambda t: (self.share.get(t, 0), t))  # (unseen at fit: rarest; ties by text)
             self.top.append((-float(pred.scores[i]), pred.ids[i], pred.reasons[i] or "", rare[:2]))
         self.top = sorted(self.top, key=lambda r: r[0])[:self.n]
 

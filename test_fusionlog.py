@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -2660,6 +2661,14 @@ def test_help_has_real_defaults_q_goes_after_the_command_and_there_is_a_version(
     args = fl.build_parser().parse_args(["run", "--source", "a=b", "--target", "c=d"])
     assert args.cache == str(tmp_path / "answers.jsonl")
     assert fl.build_parser().parse_args(["llm", "status"]).cache_dir == str(tmp_path)
+
+
+def test_the_rarest_templates_of_a_top_session_are_in_one_order_whatever_the_hash_seed():
+    ref = types.SimpleNamespace(templates=["b <*>", "a <*>", "c"], share=np.array([0.1, 0.1, 0.9]))
+    summary = fl.EndSummary(types.SimpleNamespace(reference=ref, source_templates=[]), 1)
+    s = fl.Sessions("x", ["c", "b <*>", "a <*>"], ["s1"], [np.array([0, 1, 2])])
+    summary.add(s, fl.Predictions(["s1"], np.ones(1), np.ones(1), np.zeros(1, bool), np.zeros(1), [None]))
+    assert summary.top[0][3] == ["a <*>", "b <*>"]  # equally rare: by text, not by a set's hash order
 
 
 def test_the_end_of_a_run_lists_its_top_sessions_threshold_and_predict_warns_on_an_unseen_system(tmp_path, capsys):
