@@ -59,7 +59,7 @@ import router
 class FusionLogConfig:
     """Knobs of the whole method; each part's own config carries its defaults and reasons."""
     tau: float = router.TAU  # route threshold: general iff every template has a source twin this close
-    threshold: float = 0.5  # final label: anomalous iff the small model's p >= this (class-balanced loss)
+    threshold: float = 0.5  # final label: anomalous iff the small model's p >= this
     pseudo_domains: int = 4  # with a single source system, split it into this many pseudo-domains for MAML
     meta: metamodel.MetaConfig = field(default_factory=metamodel.MetaConfig)
     distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)

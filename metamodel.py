@@ -174,14 +174,13 @@ def loss_and_grads(x, y, w, params: dict, l2: float = 0.0) -> tuple[float, dict]
             grads[W] += l2 * params[W]                      # grads[W] is a fresh array: safe in place
     return loss, grads
 
-def class_weights(y, w=None) -> np.ndarray:
+def class_weights(y) -> np.ndarray:
     """Per-sample factors giving each present class the same total weight (mean factor 1)."""
     y = np.asarray(y).astype(int)
-    w = np.ones(len(y)) if w is None else np.asarray(w, dtype=np.float64)
-    classes = [c for c in (0, 1) if w[y == c].sum() > 0]
+    classes = [c for c in (0, 1) if (y == c).any()]
     out = np.ones(len(y))
     for c in classes:
-        out[y == c] = w.sum() / (len(classes) * w[y == c].sum())
+        out[y == c] = len(y) / (len(classes) * (y == c).sum())
     return out
 
 class Adam:
@@ -320,10 +319,10 @@ def maml_train(domains: list[tuple], config: MetaConfig, progress=None) -> dict:
     return params
 
 def fine_tune(params: dict, X, y, w, config: MetaConfig) -> dict:
-    """Minibatch Adam on BCE weighted by w (pseudo-label confidences) and class balance: new params."""
+    """Minibatch Adam on BCE weighted by w (pseudo-label confidences), not class-balanced: the SM takes the
+    pseudo-labels' share of anomalies as its prior, which its 0.5 threshold then respects. New params."""
     rng = np.random.default_rng(config.seed)
     y, w = np.asarray(y).astype(int), np.asarray(w, dtype=np.float64)
-    w = w * class_weights(y, w)                       # zero-weight samples count for nothing, not even here
     opt = Adam(config.finetune_lr)
     epochs = max(config.finetune_epochs, -(-FINETUNE_MIN_STEPS // max(-(-len(y) // BATCH_SIZE), 1)))  # ceil
     for _ in range(epochs):

@@ -425,9 +425,6 @@ def test_class_weights_balance_classes():
     assert cw[y == 0].sum() == pytest.approx(cw[y == 1].sum())
     assert cw.mean() == pytest.approx(1.0)
     assert cw[0] == pytest.approx(10 / 16) and cw[-1] == pytest.approx(10 / 4)
-    w = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0.5, 0.5])           # weighted counts: 2 normal vs 1 anomalous
-    cw = mm.class_weights(y, w)
-    assert (w * cw)[y == 0].sum() == pytest.approx((w * cw)[y == 1].sum())
     np.testing.assert_allclose(mm.class_weights(np.zeros(5)), np.ones(5))   # one class: no reweighting
 
 
@@ -644,6 +641,19 @@ def test_fine_tune_moves_toward_pseudo_labels_and_ignores_zero_weights():
     flipped[:50] = 1 - flipped[:50]                                  # labels of zero-weight rows are irrelevant
     assert_params_equal(tuned, mm.fine_tune(params, X, flipped, w, config))
     assert not np.allclose(mm.fine_tune(params, X, flipped, np.ones(200), config)["W1"], tuned["W1"])
+
+
+def test_fine_tune_keeps_the_pseudo_labels_share_of_anomalies():
+    """5% anomalous pseudo-labels that nothing in X explains: the SM learns them as a 5% prior, it does not
+    flag half of the sessions as a class-balanced loss at a 0.5 threshold would."""
+    rng = np.random.default_rng(8)
+    X, y = sp.csr_matrix(rng.random((400, 6))), (rng.random(400) < 0.05).astype(int)
+    config = mm.MetaConfig(hidden=(8,), finetune_lr=1e-2, finetune_epochs=20)
+    params = mm.init_params(6, config.hidden, np.random.default_rng(0))
+    flagged = mm.predict_proba(X, mm.fine_tune(params, X, y, np.ones(400), config)) >= 0.5
+    assert flagged.mean() < 0.05
+    balanced = mm.fine_tune(params, X, y, mm.class_weights(y), config)  # the loss this departs from
+    assert (mm.predict_proba(X, balanced) >= 0.5).mean() > 0.2
 
 
 def test_fine_tune_takes_at_least_min_steps_on_a_small_set(monkeypatch):
