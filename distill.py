@@ -5,12 +5,10 @@ Target sessions that resemble no source system go to a general-purpose LLM, whic
 decide what the LLM still has to look at, and the two views are fused into weighted pseudo-labels.
 Below: whom to ask, the RAG prompts, the fusion, the loop, fine-tuning with replay; then the plumbing.
 
-Departures (README's "Departures from the paper" gives the measured effect of each): one question per distinct
-template-set (a "group"); p(anomalous) from the label token's log-probabilities, when given, replaces the
-stated confidence; dissimilar examples are not shown, agreed groups join the example pool; the least sure
-groups are asked first, near-copies waiting, within a budget; unasked groups keep a sure SM's label; a group
-holding a third of the sessions is normal by the base rate, never asked; fine-tuning replays source sessions
-and is skipped when the pseudo-labels hold one class only.
+Departures (README's "Departures from the paper" measures each): one question per distinct template-set (a
+"group"); p(anomalous) from the label token's log-probabilities if given; no dissimilar examples, agreed
+groups join the pool; least sure first, near-copies waiting, within a budget; a sure SM labels unasked groups;
+a group holding a third of the sessions is normal; fine-tuning replays sources, not on one-class labels.
 """
 from __future__ import annotations
 
@@ -153,9 +151,13 @@ def fuse(p_sm: float, llm: Answer | None, c: DistillConfig) -> tuple[int, float]
         return (sm_label, W_SM) if abs(p_sm - 0.5) >= c.margin else (-1, 0.0)
     if llm.label == sm_label:
         return sm_label, W_AGREE
-    p = llm.p_anomalous  # the LLM's confidence in its label: from p(anomalous) if known
-    confidence = llm.confidence if p is None else p if llm.label == 1 else 1.0 - p
-    return (llm.label, W_LLM) if confidence >= c.trust else (-1, 0.0)
+    sure = stated_p(llm) if llm.label == 1 else 1.0 - stated_p(llm)  # the LLM's confidence in its label
+    return (llm.label, W_LLM) if sure >= c.trust else (-1, 0.0)
+
+def stated_p(llm: Answer) -> float:
+    """The LLM's p(anomalous): from the label token's log-probabilities, else from its stated confidence."""
+    p = llm.confidence if llm.label == 1 else 1.0 - llm.confidence
+    return p if llm.p_anomalous is None else llm.p_anomalous
 
 def fuse_all(p, answers: dict, config: DistillConfig, routine=None) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels (G,) and weights (G,) of every group, from the SM's p (G,) and the LLM's answers;
@@ -258,8 +260,7 @@ def _checked_groups(group, X, questions, question_vecs) -> np.ndarray:
 # ---- fine-tuning with replay
 def both_classes(labels, weights, min_share: float) -> bool:
     """Whether each class holds at least min_share of the total weight (labels 0/1, weights >= 0)."""
-    total = float(np.sum(weights))
-    anomalous = float(np.sum(np.asarray(weights)[np.asarray(labels) == 1]))
+    total, anomalous = float(np.sum(weights)), float(np.sum(np.asarray(weights)[np.asarray(labels) == 1]))
     return total > 0 and min(anomalous, total - anomalous) >= min_share * total
 
 def with_replay(X, y, w, replay, rng: np.random.Generator) -> tuple:

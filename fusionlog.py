@@ -115,7 +115,7 @@ class FusionLog:
         self.source_templates: list[str] = []
         self.reference: metamodel.Reference | None = None  # the target's statistics, measured at fit
         self.llm_reasons: dict[tuple[str, ...], str] = {}  # template-set key -> the LLM's reason
-        self.agreed: dict[tuple[str, ...], float] = {}  # set key -> its score where LLM and SM agree on it
+        self.verdicts: dict[tuple[str, ...], float] = {}  # asked set key -> the score of its fused verdict
         self.report: dict = {}
         self._source_vecs: sp.csr_matrix | None = None  # the source templates in the embedding
 
@@ -203,9 +203,9 @@ class FusionLog:
                                  fine_tune=lambda p, X, y, w: metamodel.fine_tune(p, X, y, w, meta),
                                  progress=self.progress, population=len(target))
         self.llm_reasons = {keys[g]: a.reason for g, a in result.answers.items()}
-        # where the LLM and the distilled small model agree on a set, that set's sessions share one verdict
         p = np.bincount(group, metamodel.predict_proba(tgt.X[index], result.params)) / np.bincount(group)
-        self.agreed = {keys[g]: float(p[g]) for g, a in result.answers.items() if a.label == int(p[g] >= 0.5)}
+        self.verdicts = {keys[g]: v for g, a in result.answers.items()
+                         if (v := verdict(float(p[g]), a, self.config.distill)) is not None}
         return result
 
     @staticmethod
@@ -223,7 +223,7 @@ class FusionLog:
         route_scores, general = self.route(s, f.template_vecs)
         scores = metamodel.predict_proba(f.X, self.params)
         keys = [template_set_key(s.templates, seq) for seq in s.sequences]
-        scores = np.array([self.agreed.get(k, p) for k, p in zip(keys, scores)])  # (n,) one verdict a set
+        scores = np.array([self.verdicts.get(k, p) for k, p in zip(keys, scores)])  # (n,) one verdict a set
         reasons = [self.llm_reasons.get(k) for k in keys]
         return Predictions(list(s.ids), (scores >= self.config.threshold).astype(np.int8), scores, general,
                            route_scores, reasons)
@@ -233,7 +233,7 @@ class FusionLog:
         state = {"config": self.config.to_dict(), "embedder": self.embedder.to_dict(),
                  "source_templates": self.source_templates, "reference": self.reference.to_dict(),
                  "llm_reasons": [[list(k), r] for k, r in self.llm_reasons.items()],
-                 "agreed": [[list(k), p] for k, p in self.agreed.items()]}
+                 "verdicts": [[list(k), p] for k, p in self.verdicts.items()]}
         metamodel.save(path, self.params, state)
 
     @classmethod
@@ -245,23 +245,20 @@ class FusionLog:
             model.source_templates = list(state["source_templates"])
             model.reference = metamodel.Reference.from_dict(state["reference"])
             model.llm_reasons = {tuple(k): r for k, r in state.get("llm_reasons", [])}
-            model.agreed = {tuple(k): float(p) for k, p in state.get("agreed", [])}
+            model.verdicts = {tuple(k): float(p) for k, p in state.get("verdicts", state.get("agreed", []))}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a fusionlog model file ({e})") from None
         model.params = params
         return model
 
 
-def _labeled_part(s: Sessions) -> Sessions:
-    """A source's labeled sessions; a source must show both classes to teach anything."""
-    if s.labels is None:
-        raise ValueError(f"source {s.name}: no labels (give a label file or an inline label field)")
-    s = s.subset(np.flatnonzero(s.labels >= 0))
-    if len(s) == 0 or not (s.labels == 1).any():
-        raise ValueError(f"source {s.name}: no anomalous sessions: nothing to learn from")
-    if not (s.labels == 0).any():
-        raise ValueError(f"source {s.name}: no normal sessions: nothing to learn from")
-    return s
+def verdict(p_sm: float, llm: distill.Answer, config: distill.DistillConfig) -> float | None:
+    """An asked set's final score by the fusion rule on the distilled SM's p and the LLM's answer: the SM's
+    where they agree, the LLM's where it overrules the SM, None (the SM's) where the rule leaves it out."""
+    label, weight = distill.fuse(p_sm, llm, config)
+    if weight == 0:
+        return None
+    return p_sm if label == int(p_sm >= 0.5) else distill.stated_p(llm)
 
 
 def template_set_key(templates: list[str], sequence: np.ndarray) -> tuple[str, ...]:
@@ -674,6 +671,18 @@ def attach_labels(sessions: Sessions, labels: dict[str, int], source: str | os.P
                          f"(its ids look like {clip(next(iter(labels)), 40)}, the sessions' like "
                          f"{clip(sessions.ids[0], 40)})")
     return sessions
+
+
+def _labeled_part(s: Sessions) -> Sessions:
+    """A source's labeled sessions; a source must show both classes to teach anything."""
+    if s.labels is None:
+        raise ValueError(f"source {s.name}: no labels (give a label file or an inline label field)")
+    s = s.subset(np.flatnonzero(s.labels >= 0))
+    if len(s) == 0 or not (s.labels == 1).any():
+        raise ValueError(f"source {s.name}: no anomalous sessions: nothing to learn from")
+    if not (s.labels == 0).any():
+        raise ValueError(f"source {s.name}: no normal sessions: nothing to learn from")
+    return s
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1061,6 +1061,18 @@ def test_fuse_rule_uses_logprob_confidence_over_the_stated_one():
     assert fuse(0.05, None, c) == (0, distill.W_SM) and fuse(0.3, None, c) == (-1, 0.0)
 
 
+def test_an_asked_sets_final_score_is_its_fused_verdict():
+    """Agreement keeps the distilled SM's score; an LLM that overrules the SM sets the score (its
+    p(anomalous), else its stated confidence) even where the SM was never fine-tuned; a left-out dispute and
+    a never-asked set are the SM's."""
+    c = DistillConfig(margin=0.4, trust=0.8)
+    assert fl.verdict(0.7, Answer(1, 0.9, "x"), c) == 0.7 and fl.verdict(0.2, Answer(0, 0.9, "x"), c) == 0.2
+    assert fl.verdict(0.84, Answer(0, 0.9, "x"), c) == pytest.approx(0.1)   # overruled: normal, score 0.1
+    assert fl.verdict(0.2, Answer(1, 0.9, "x", p_anomalous=0.97), c) == 0.97
+    assert fl.verdict(0.3, Answer(1, 0.9, "x", p_anomalous=0.6), c) is None  # not trusted: the SM decides
+    assert fl.verdict(0.3, Answer(1, 0.9, "x"), c) >= 0.5 > fl.verdict(0.6, Answer(0, 0.85, "x"), c)
+
+
 def test_disputed_groups_are_asked_again_with_in_system_examples(fake_llm, tmp_path):
     X, group, questions, qv, pool, replay = problem()
     client, tuned = ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl"), logprobs=True), []
@@ -1318,9 +1330,9 @@ def test_a_saved_model_labels_each_session_alone_as_in_any_batch(tmp_path, capsy
     assert [(r["session"], r["label"]) for r in run_rows] == [(sid, "Anomaly" if y else "Normal")
                                                              for sid, y in zip(whole.ids, whole.labels)]
     assert 0 < whole.labels.sum() < len(whole.ids)
-    # where the LLM and the distilled small model agreed on a set, every session of it has the set's score
-    assert model.agreed
-    for key, score in model.agreed.items():
+    # every session of a set the LLM was asked about has the set's fused score
+    assert model.verdicts
+    for key, score in model.verdicts.items():
         held = [i for i, q in enumerate(target.sequences) if fl.template_set_key(target.templates, q) == key]
         assert held and all(whole.scores[i] == score for i in held)
     for size in (1, 5, 20, 100):
