@@ -1145,7 +1145,7 @@ def block_bundles(block: tuple[int, str, int, int], spec: SystemSpec, name: str,
     for a, b in zip(cut, cut[1:]):  # (block key, its own templates, ids, lengths, template ids, flags)
         used, local = np.unique(flat[ends[a]:ends[b]], return_inverse=True)
         out.append(((i, start), [templates[t] for t in used], [ids[k] for k in order[a:b]], lengths[a:b],
-                    local.astype(np.int32), flags[a:b]))
+                    local.astype(np.min_scalar_type(len(used))), flags[a:b]))  # uint8 for <= 255 templates
     return out
 
 
