@@ -1167,7 +1167,7 @@ def _model_of(data: bytes) -> FusionLog:
     return FusionLog.load(io.BytesIO(data))
 
 
-def predict_partition(bundles: list, model: bytes, labels: dict | None, name: str, labeled: bool, path: str,
+def predict_partition(bundles: list, path: str, model: bytes, labels: dict | None, name: str, labeled: bool,
                       threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """One partition's sessions labeled and written to its own CSV; its counts (and labels) back."""
     s = sessions_of_bundles(name, bundles, labeled or labels is not None)
@@ -1197,20 +1197,23 @@ def predict_on_dask(address: str, model_path: str, files: list[str], spec: Syste
 def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpec, name: str,
                       labels: dict | None, out_dir: str, block_bytes: int = 64 << 20,
                       threshold: float | None = None) -> tuple[dict, list, list]:
-    """The Dask graph: block b -> P bundles; bundle p of every block -> partition p -> one labeled CSV."""
-    import dask
+    """The Dask tasks: block b -> P bundles; bundle p of every block -> partition p -> one labeled CSV."""
+    from operator import getitem
     blocks = dask_blocks(files, spec, block_bytes)
     model = client.scatter(Path(model_path).read_bytes(), broadcast=True)  # once to each worker
     # (in a list: a dict given alone would be scattered as one future per key)
     shared_labels = None if labels is None else client.scatter([labels], broadcast=True)[0]
-    n = len(blocks) if spec.session_regex else 1  # windows are complete in their block: no exchange
-    bundles = [dask.delayed(block_bundles)(b, spec, name, len(files), n) for b in blocks]
-    groups = [[b[p] for b in bundles] for p in range(n)] if spec.session_regex else [[b[0]] for b in bundles]
+    # P = 4 partitions a worker thread (at most one a block); windows are complete in their block: P = 1
+    n = min(len(blocks), 4 * max(1, sum(client.nthreads().values()))) if spec.session_regex else 1
+    made = client.map(block_bundles, blocks, spec=spec, name=name, n_files=len(files), parts=n, pure=False)
+    bundles = client.map(getitem, [m for m in made for _ in range(n)], list(range(n)) * len(made), pure=False)
+    del made  # (a block's results are let go once its bundles are out)
+    groups = [bundles[p::n] for p in range(n)] if spec.session_regex else [[b] for b in bundles]
     os.makedirs(out_dir, exist_ok=True)
-    parts = [dask.delayed(predict_partition)(g, model, shared_labels, name, bool(spec.label_field),
-                                             os.path.join(out_dir, f"part-{i:05d}.csv"), threshold)
-             for i, g in enumerate(groups)]
-    results = dask.compute(*parts)
+    paths = [os.path.join(out_dir, f"part-{i:05d}.csv") for i in range(len(groups))]
+    results = client.gather(client.map(predict_partition, groups, paths, model=model, labels=shared_labels,
+                                       name=name, labeled=bool(spec.label_field), threshold=threshold,
+                                       pure=False))
     counts = {k: sum(r[0][k] for r in results) for k in results[0][0]}
     y_true = [r[1] for r in results if r[1] is not None and len(r[1])]
     return counts, y_true, [r[2] for r in results if r[1] is not None and len(r[1])]
