@@ -1085,9 +1085,8 @@ def _predict_here(args, model, files, spec, name, labels, progress) -> tuple[dic
     return out.counts, y_true, y_pred
 
 
-# The Dask engine (the optional extra fusionlog[dask]; dask is imported only inside predict_on_dask): each
-# block task reads its block into sessions (sessions_of_lines) and deals them by a stable hash of the id into
-# P bundles; partition p joins bundle p of every block in input order, then predict_batch labels it.
+# The Dask engine (the optional extra fusionlog[dask], imported only in predict_on_dask): a block's sessions
+# (sessions_of_lines) go to P bundles by id; partition p joins bundle p of every block; predict_batch labels.
 
 
 def dask_blocks(files: list[str], spec: SystemSpec, block_bytes: int) -> list[tuple[int, str, int, int]]:
@@ -1175,8 +1174,7 @@ def predict_partition(bundles: list, path: str, model: bytes, labels: dict | Non
         pred = predict_batch(_model_of(model), s, labels, threshold) if len(s) else None
         if pred is not None:
             out.write(pred)
-    empty = np.zeros(0, np.int8)
-    return out.counts, s.labels, empty if pred is None else pred.labels
+    return out.counts, s.labels, np.zeros(0, np.int8) if pred is None else pred.labels
 
 
 def predict_on_dask(address: str, model_path: str, files: list[str], spec: SystemSpec, name: str,
