@@ -1094,9 +1094,8 @@ def _predict_here(args, model, files, spec, name, labels, progress) -> tuple[dic
     return out.counts, y_true, y_pred
 
 
-# The Dask engine (the optional extra fusionlog[dask]; dask is imported only inside predict_on_dask): each
-# partition reads a block of a file into sessions (sessions_of_lines), a shuffle on the session id joins a
-# session's fragments from every block and file in input order, then predict_batch labels each partition.
+# The Dask engine (the optional extra fusionlog[dask], imported only in predict_on_dask): a block's sessions
+# (sessions_of_lines) go to P bundles by id; partition p joins bundle p of every block; predict_batch labels.
 
 
 def dask_blocks(files: list[str], spec: SystemSpec, block_bytes: int) -> list[tuple[int, str, int, int]]:
@@ -1131,32 +1130,43 @@ def _record_start(f, offset: int, line_re: re.Pattern) -> int:
     return pos
 
 
-def block_fragments(block: tuple[int, str, int, int], spec: SystemSpec, name: str, n_files: int) -> list:
-    """One partition's sessions as fragments (id, (file, offset), template texts, anomalous) to shuffle."""
+def block_bundles(block: tuple[int, str, int, int], spec: SystemSpec, name: str, n_files: int,
+                  parts: int) -> list[tuple]:
+    """A block's sessions in `parts` bundles by the id's crc32 (hash() is salted); each one compact."""
     i, path, start, end = block
-    batches = read_batches(path, start=start, end=None if end < 0 else end)
-    out = []
+    ids, seqs, flags, templates = [], [], [], []
     try:
-        for s in sessions_of_lines(batches, spec, name, strict=False):
-            flags = np.zeros(len(s), np.int8) if s.labels is None else s.labels
-            for sid, seq, a in zip(s.ids, s.sequences, flags):
-                sid = sid if spec.session_regex else window_id(path, sid, n_files)
-                out.append((sid, (i, start), [s.templates[t] for t in seq], bool(a)))
+        for s in sessions_of_lines(read_batches(path, start=start, end=None if end < 0 else end), spec, name,
+                                   strict=False):
+            ids += s.ids if spec.session_regex else [window_id(path, sid, n_files) for sid in s.ids]
+            seqs += s.sequences
+            flags += [0] * len(s) if s.labels is None else list(s.labels)
+            templates = s.templates
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    part = np.array([zlib.crc32(sid.encode()) % parts for sid in ids], np.int64)
+    order = np.argsort(part, kind="stable")  # by bundle, each in the block's order
+    lengths, flags = np.array([len(seqs[k]) for k in order], np.int32), np.array(flags, np.int8)[order]
+    flat = np.concatenate([seqs[k] for k in order] + [np.zeros(0, np.int64)])
+    ends, cut = np.r_[0, np.cumsum(lengths)], np.searchsorted(part[order], np.arange(parts + 1))
+    out = []
+    for a, b in zip(cut, cut[1:]):  # (block key, its own templates, ids, lengths, template ids, flags)
+        used, local = np.unique(flat[ends[a]:ends[b]], return_inverse=True)
+        out.append(((i, start), [templates[t] for t in used], [ids[k] for k in order[a:b]], lengths[a:b],
+                    local.astype(np.min_scalar_type(len(used))), flags[a:b]))  # uint8 for <= 255 templates
     return out
 
 
-def sessions_of_fragments(name: str, groups: Iterable[tuple[str, list]], labeled: bool) -> Sessions:
-    """Shuffled fragments grouped by id as complete sessions, each one's fragments in input order."""
-    templates, ids, seqs, flags = {}, [], [], []
-    for sid, frags in sorted(groups, key=lambda g: min(f[1] for f in g[1])):
-        frags = sorted(frags, key=lambda f: f[1])
-        ids.append(sid)
-        seqs.append(np.array([templates.setdefault(t, len(templates)) for f in frags for t in f[2]],
-                             dtype=np.int64))
-        flags.append(any(f[3] for f in frags))
-    return Sessions(name, list(templates), ids, seqs, np.array(flags, np.int8) if labeled else None)
+def sessions_of_bundles(name: str, bundles: Iterable[tuple], labeled: bool) -> Sessions:
+    """A partition's bundles (one a block) as complete sessions, each one's fragments in input order."""
+    table, frags, flags = {}, {}, {}
+    for _, templates, ids, lengths, seq, flag in sorted(bundles, key=lambda b: b[0]):
+        tids = np.array([table.setdefault(t, len(table)) for t in templates], np.int64)[seq]
+        for sid, part, a in zip(ids, np.split(tids, np.cumsum(lengths)[:-1]), flag):
+            frags.setdefault(sid, []).append(part)
+            flags[sid] = flags.get(sid, 0) | a
+    return Sessions(name, list(table), list(frags), [np.concatenate(f) for f in frags.values()],
+                    np.array(list(flags.values()), np.int8) if labeled else None)
 
 
 @functools.lru_cache(maxsize=2)
@@ -1165,25 +1175,15 @@ def _model_of(data: bytes) -> FusionLog:
     return FusionLog.load(io.BytesIO(data))
 
 
-def predict_partition(groups: list, model: bytes, labels: dict | None, name: str, labeled: bool, path: str,
+def predict_partition(bundles: list, path: str, model: bytes, labels: dict | None, name: str, labeled: bool,
                       threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """One partition's sessions labeled and written to its own CSV; its counts (and labels) back."""
-    s = sessions_of_fragments(name, groups, labeled or labels is not None)
+    s = sessions_of_bundles(name, bundles, labeled or labels is not None)
     with PredictionWriter(path) as out:
         pred = predict_batch(_model_of(model), s, labels, threshold) if len(s) else None
         if pred is not None:
             out.write(pred)
-    empty = np.zeros(0, np.int8)
-    return out.counts, s.labels, empty if pred is None else pred.labels
-
-
-def _alone(fragment: tuple) -> tuple[str, list]:
-    """A window as its own group: it is complete in its partition."""
-    return fragment[0], [fragment]
-
-
-def _session_of(fragment: tuple) -> str:
-    return fragment[0]
+    return out.counts, s.labels, np.zeros(0, np.int8) if pred is None else pred.labels
 
 
 def predict_on_dask(address: str, model_path: str, files: list[str], spec: SystemSpec, name: str,
@@ -1204,23 +1204,23 @@ def predict_on_dask(address: str, model_path: str, files: list[str], spec: Syste
 def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpec, name: str,
                       labels: dict | None, out_dir: str, block_bytes: int = 64 << 20,
                       threshold: float | None = None) -> tuple[dict, list, list]:
-    """The Dask graph: blocks -> fragments -> shuffle on the session id -> one labeled CSV a partition."""
-    import dask
-    import dask.bag as db
+    """The Dask tasks: block b -> P bundles; bundle p of every block -> partition p -> one labeled CSV."""
+    from operator import getitem
     blocks = dask_blocks(files, spec, block_bytes)
     model = client.scatter(Path(model_path).read_bytes(), broadcast=True)  # once to each worker
     # (in a list: a dict given alone would be scattered as one future per key)
     shared_labels = None if labels is None else client.scatter([labels], broadcast=True)[0]
-    frags = db.from_sequence(blocks, npartitions=len(blocks)).map(block_fragments, spec, name, len(files))
-    frags = frags.flatten()
-    groups = (frags.groupby(_session_of, npartitions=len(blocks), shuffle="tasks") if spec.session_regex
-              else frags.map(_alone))
+    # P = 4 partitions a worker thread (at most one a block); windows are complete in their block: P = 1
+    n = min(len(blocks), 4 * max(1, sum(client.nthreads().values()))) if spec.session_regex else 1
+    made = client.map(block_bundles, blocks, spec=spec, name=name, n_files=len(files), parts=n, pure=False)
+    bundles = client.map(getitem, [m for m in made for _ in range(n)], list(range(n)) * len(made), pure=False)
+    del made  # (a block's results are let go once its bundles are out)
+    groups = [bundles[p::n] for p in range(n)] if spec.session_regex else [[b] for b in bundles]
     os.makedirs(out_dir, exist_ok=True)
-    labeled = bool(spec.label_field)
-    parts = [dask.delayed(predict_partition)(part, model, shared_labels, name, labeled,
-                                             os.path.join(out_dir, f"part-{i:05d}.csv"), threshold)
-             for i, part in enumerate(groups.to_delayed())]
-    results = dask.compute(*parts)
+    paths = [os.path.join(out_dir, f"part-{i:05d}.csv") for i in range(len(groups))]
+    results = client.gather(client.map(predict_partition, groups, paths, model=model, labels=shared_labels,
+                                       name=name, labeled=bool(spec.label_field), threshold=threshold,
+                                       pure=False))
     counts = {k: sum(r[0][k] for r in results) for k in results[0][0]}
     y_true = [r[1] for r in results if r[1] is not None and len(r[1])]
     return counts, y_true, [r[2] for r in results if r[1] is not None and len(r[1])]
