@@ -13,7 +13,7 @@ Below the method: the plumbing (log reading and sessions, label files, metrics, 
 
 Departures from the paper (see README for the full list):
 - The final labels of *all* target sessions (general and proprietary) come from the one distilled small
-  model, so `fusionlog predict` needs no LLM; the route is reported beside each label.
+  model and the saved verdicts of the sets the LLM was asked about, so `fusionlog predict` needs no LLM.
 - Templates come from a regex masker (router.mask), not a trained parser such as Drain.
 """
 from __future__ import annotations
