@@ -183,7 +183,7 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
     template-sets 0..G-1, described by questions[g] = [(template, count), ...] and question_vecs (G, V);
     replay = (X_src, y_src) or None; predict_proba(X, params) -> (n,); fine_tune(params, X, y, w);
     population: the target's sessions, both branches (default n), of which a routine set holds a third."""
-    c, say = config or DistillConfig(), progress or (lambda msg: None)
+    c, say, general = config or DistillConfig(), progress or (lambda msg: None), params
     group, G = _checked_groups(group, X, questions, question_vecs), len(questions)
     sizes, rng = np.bincount(group, minlength=G), np.random.default_rng(c.seed)  # sizes: (G,) sessions
     answers, asked_with = {}, {}  # group -> its latest Answer, and the cache key of the prompt it answered
@@ -211,13 +211,13 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
         converged = r > 1 and rounds[-1]["flipped"] == 0
         if converged and np.all(sm_label[labels >= 0] == labels[labels >= 0]):
             break
-        # 5. fine-tune the SM on the pseudo-labeled sessions, with replay, if they hold both classes
+        # 5. fine-tune the meta-learned SM afresh on the pseudo-labels, with replay, if they hold both classes
         keep = np.flatnonzero(weights[group] > 0)
         yt, wt = labels[group][keep], weights[group][keep]
         if keep.size and not both_classes(yt, wt, MIN_CLASS_SHARE):
             say_r("pseudo-labels hold (almost) one class only: the SM is not fine-tuned")
         elif keep.size:
-            params = fine_tune(params, *with_replay(X[keep], yt, wt, replay, rng))
+            params = fine_tune(general, *with_replay(X[keep], yt, wt, replay, rng))
             rounds[-1]["fine_tuned"] = True
         if converged:
             break
