@@ -1130,6 +1130,18 @@ def test_distill_never_asks_about_a_routine_set_and_trains_it_as_normal(fake_llm
     assert all(labels[g] == RULE[g] for g in range(len(GROUPS)) if g != 2)
 
 
+def test_each_round_fine_tunes_the_meta_learned_model_afresh(fake_llm, tmp_path):
+    """Rounds refine the pseudo-labels; every fine-tuning starts from the model distillation was given, so a
+    wrong pseudo-label of an early round does not compound."""
+    X, group, questions, qv, pool, replay = problem()
+    start, starts = {"w": np.zeros(X.shape[1]), "b": 0.0}, []
+    distill.distill(start, X, group, questions, qv, pool, replay,
+                    ChatClient(fake_llm.url, cache=AnswerCache(tmp_path / "c.jsonl")),
+                    DistillConfig(rounds=4, budget_share=0.5), predict_proba=lr_predict,
+                    fine_tune=lambda p, X, y, w: starts.append(p) or lr_fine_tune(p, X, y, w))
+    assert len(starts) >= 2 and all(p is start for p in starts)
+
+
 def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path, monkeypatch):
     """A healthy period (every set normal): fine-tuning would teach "this system's words = normal" against
     replayed source anomalies, so it is skipped, unless MIN_CLASS_SHARE is 0."""
