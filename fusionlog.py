@@ -1141,7 +1141,7 @@ def block_bundles(block: tuple[int, str, int, int], spec: SystemSpec, name: str,
             ids += s.ids if spec.session_regex else [window_id(path, sid, n_files) for sid in s.ids]
             seqs += s.sequences
             flags += [0] * len(s) if s.labels is None else list(s.labels)
-            templates = s.templates
+            templates = s.templates  # (the reader's one growing list: the last holds every id)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     part = np.array([zlib.crc32(sid.encode()) % parts for sid in ids], np.int64)
