@@ -127,7 +127,7 @@ class FusionLog:
         self.embed(sources, target)
         src = [self.features(s, metamodel.Reference.measure(s.templates, s.sequences)) for s in sources]
         self.reference = metamodel.Reference.measure(target.templates, target.sequences)  # kept for predict
-        tgt = self.features(target, self.reference)
+        tgt = self.features(target, self.reference, smooth=True)
         # 2. the training-free router: general vs proprietary target sessions (Sec. 3.2)
         _, general = self.route(target, tgt.template_vecs)
         self.progress(f"routing: {router.split_summary(general)}")
@@ -158,11 +158,13 @@ class FusionLog:
         self.embedder = router.TfidfEmbedder().fit(self.source_templates + target.templates)
         self._source_vecs = None
 
-    def features(self, s: Sessions, ref: metamodel.Reference) -> Features:
-        """A system's sessions in the embedding, the structural part relative to `ref`."""
+    def features(self, s: Sessions, ref: metamodel.Reference, smooth: bool = False) -> Features:
+        """A system's sessions in the embedding, the structural part relative to `ref` (for the target,
+        smoothed: the target's one unlabeled sample must also describe the sessions it never saw)."""
         tvecs = self.embedder.transform(s.templates)
         svecs = router.session_vectors(s.sequences, tvecs)
-        return Features(tvecs, svecs, metamodel.session_features(svecs, s.templates, s.sequences, ref))
+        X = metamodel.session_features(svecs, s.templates, s.sequences, ref, smooth)
+        return Features(tvecs, svecs, X)
 
     def route(self, s: Sessions, tvecs: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """Training-free router: session score = min over its templates of the max cosine to the source."""
@@ -219,7 +221,7 @@ class FusionLog:
         the model and that session. The LLM's reason where the fit asked about the same template-set."""
         if self.params is None:
             raise ValueError("the model is not fitted: call fit() or load() first")
-        f = self.features(s, self.reference)
+        f = self.features(s, self.reference, smooth=True)
         route_scores, general = self.route(s, f.template_vecs)
         scores = metamodel.predict_proba(f.X, self.params)
         keys = [template_set_key(s.templates, seq) for seq in s.sequences]

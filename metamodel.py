@@ -72,8 +72,10 @@ class Reference:
         """Inverse of to_dict."""
         return cls(**dict(d, share=np.asarray(d["share"], dtype=np.float64)))
 
-def structural_features(templates: list[str], sequences: list[np.ndarray], ref: Reference) -> np.ndarray:
-    """(n, F) features in [0, 1]; row i depends on session i and the reference only (unseen = rarest)."""
+def structural_features(templates: list[str], sequences: list[np.ndarray], ref: Reference,
+                        smooth: bool = False) -> np.ndarray:
+    """(n, F) features in [0, 1]; row i depends on session i and the reference only (unseen = rarest, or
+    with `smooth`, Good-Turing: a template or set held by at most one session is as common as all such)."""
     n = len(sequences)
     if n == 0:
         return np.zeros((0, len(STRUCTURAL_NAMES)))
@@ -90,6 +92,9 @@ def structural_features(templates: list[str], sequences: list[np.ndarray], ref: 
     # template rarity: -log(share of reference sessions holding it) / log(n); 0 = in all, 1 = in one or none
     share = (np.where(to_ref >= 0, ref.share[np.maximum(to_ref, 0)], 0.0) if len(ref.share)
              else np.zeros(len(to_ref)))                             # (T,)
+    if smooth:  # the chance that a session holds some template seen once: the unseen ones' share
+        once = max(np.sum(np.abs(ref.share * ref.n - 1) < 0.5), 1) / ref.n   # templates held by one session
+        share = np.where(share * ref.n < 1.5, once, share)
     rarity = np.clip(-np.log(np.maximum(share, 1.0 / ref.n)) / log_n, 0.0, 1.0)   # (T,)
     mean_rarity = (B @ rarity) / np.maximum(distinct, 1.0)          # (n,) over its templates; 0 if empty
     max_rarity = B.multiply(rarity[None, :]).tocsr().max(axis=1).toarray().ravel()   # (n,)
@@ -97,6 +102,8 @@ def structural_features(templates: list[str], sequences: list[np.ndarray], ref: 
     sets = [to_ref[row] for row in np.split(B.indices, B.indptr[1:-1])]   # each session's reference ids
     set_count = np.array([0 if (ids < 0).any() else ref.set_counts.get(_set_key(ids), 0) for ids in sets],
                          dtype=np.float64)                          # (n,)
+    if smooth:  # ... and likewise for template-sets held by at most one session
+        set_count = np.where(set_count <= 1, max(sum(c == 1 for c in ref.set_counts.values()), 1), set_count)
     set_rarity = np.clip(-np.log(np.maximum(set_count, 1.0) / ref.n) / log_n, 0.0, 1.0)
     # missing_common: the share of the reference's common templates (in >= 50% of its sessions) it lacks
     common = np.flatnonzero(ref.share >= 0.5)                       # reference ids
@@ -108,11 +115,11 @@ def structural_features(templates: list[str], sequences: list[np.ndarray], ref: 
                             set_rarity, mean_rarity, max_rarity, missing, length_z])   # (n, F)
 
 def session_features(sem: sp.csr_matrix, templates: list[str], sequences: list[np.ndarray],
-                     ref: Reference) -> sp.csr_matrix:
+                     ref: Reference, smooth: bool = False) -> sp.csr_matrix:
     """The small model's input: semantic session vectors (n, V) beside structural features -> (n, V + F)."""
     if sem.shape[0] != len(sequences):
         raise ValueError(f"sem has {sem.shape[0]} rows but there are {len(sequences)} sessions")
-    struct = STRUCTURAL_WEIGHT * structural_features(templates, sequences, ref)   # (n, F) dense, small
+    struct = STRUCTURAL_WEIGHT * structural_features(templates, sequences, ref, smooth)   # (n, F)
     return sp.hstack([sp.csr_matrix(sem, dtype=np.float64), sp.csr_matrix(struct)], format="csr")
 
 
