@@ -3,8 +3,9 @@ Sec. 3.3): an MLP meta-learned by MAML with each labeled source system as one ta
 target's general logs directly; the proprietary branch (distill.py) later fine-tunes it with `fine_tune`.
 
 Departures (README): first-order MAML, not second-order; a few structural features (length, rarity, missing
-common steps), measured against the session's own system, sit beside the paper's semantic vector; with a
-single source system the tasks are pseudo-domains made by clustering its templates.
+common steps), measured against the session's own system (the target's rarity Good-Turing smoothed),
+sit beside the paper's semantic vector; with a single source system the tasks are pseudo-domains made by
+clustering its templates.
 """
 from __future__ import annotations
 
