@@ -93,8 +93,8 @@ def structural_features(templates: list[str], sequences: list[np.ndarray], ref: 
     # template rarity: -log(share of reference sessions holding it) / log(n); 0 = in all, 1 = in one or none
     share = (np.where(to_ref >= 0, ref.share[np.maximum(to_ref, 0)], 0.0) if len(ref.share)
              else np.zeros(len(to_ref)))                             # (T,)
-    if smooth:  # the chance that a session holds some template seen once: the unseen ones' share
-        once = max(np.sum(np.abs(ref.share * ref.n - 1) < 0.5), 1) / ref.n   # templates held by one session
+    if smooth:  # Good-Turing's unseen mass: templates held by one session, over the sessions
+        once = max(np.sum(np.abs(ref.share * ref.n - 1) < 0.5), 1) / ref.n
         share = np.where(share * ref.n < 1.5, once, share)
     rarity = np.clip(-np.log(np.maximum(share, 1.0 / ref.n)) / log_n, 0.0, 1.0)   # (T,)
     mean_rarity = (B @ rarity) / np.maximum(distinct, 1.0)          # (n,) over its templates; 0 if empty

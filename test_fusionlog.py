@@ -374,6 +374,7 @@ def test_structural_features_depend_on_the_session_and_the_reference_only():
     assert new and np.all(whole[new, mm.STRUCTURAL_NAMES.index("max_tmpl_rarity")] == 1.0)
     assert np.all(whole[new, mm.STRUCTURAL_NAMES.index("set_rarity")] == 1.0)
 
+
 def test_smoothed_rarity_gives_unseen_and_once_held_templates_and_sets_the_good_turing_share():
     # reference of 4 sessions: "a" in all, "b" in one, "c" in one; sets {a} x2, {a,b} x1, {a,c} x1
     templates = ["a", "b", "c", "new"]
@@ -384,14 +385,14 @@ def test_smoothed_rarity_gives_unseen_and_once_held_templates_and_sets_the_good_
     # plain: "b" (held once) and "new" (never seen) are as rare as can be, and so are their sets
     np.testing.assert_allclose(plain[:, col["max_tmpl_rarity"]], [0.0, 1.0, 1.0])
     np.testing.assert_allclose(plain[:, col["set_rarity"]], [np.log(2) / np.log(4), 1.0, 1.0])
-    # smoothed: 2 of the 4 sessions hold a template seen once, and 2 hold a set seen once: share 1/2 each
+    # smoothed: 2 templates ("b", "c") and 2 sets are held by one session each, of 4 sessions: share 1/2
     np.testing.assert_allclose(smooth[:, col["max_tmpl_rarity"]], [0.0, 0.5, 0.5])
     np.testing.assert_allclose(smooth[:, col["set_rarity"]], [0.5, 0.5, 0.5])
     others = [i for name, i in col.items() if name not in ("max_tmpl_rarity", "mean_tmpl_rarity", "set_rarity")]
     np.testing.assert_array_equal(smooth[:, others], plain[:, others])
 
 
-def test_the_target_is_described_smoothed_at_fit_and_at_predict():
+def test_the_target_is_described_smoothed_at_fit_and_at_predict(monkeypatch):
     calls, real, rng = [], mm.structural_features, np.random.default_rng(0)
 
     def system(name, words):  # 40 sessions of 1-4 lines over three templates, every 5th anomalous
@@ -400,12 +401,10 @@ def test_the_target_is_described_smoothed_at_fit_and_at_predict():
                            np.array([int(i % 5 == 0) for i in range(40)]))
     model = fl.FusionLog(fl.FusionLogConfig(meta=mm.MetaConfig(meta_iters=2)))
     src, tgt = system("src", ["open", "close", "fail"]), system("tgt", ["read", "write", "crash"])
-    try:
-        mm.structural_features = lambda t, q, r, smooth=False: calls.append(smooth) or real(t, q, r, smooth)
-        model.fit([src], tgt)
-        model.predict(tgt)
-    finally:
-        mm.structural_features = real
+    monkeypatch.setattr(mm, "structural_features",
+                        lambda t, q, r, smooth=False: calls.append(smooth) or real(t, q, r, smooth))
+    model.fit([src], tgt)
+    model.predict(tgt)
     assert calls == [False, True, True]  # the source against itself as it is; the target smoothed, twice
 
 # -----------------------------------------------------------------------------
