@@ -406,10 +406,12 @@ def spread_seeds(args, m: dict, run: Callable[[int], dict]) -> None:
     count_calls(m, runs, "other_seeds")
 
 
-def flip_answers(args, m: dict, keys, run: Callable[[frozenset], dict]) -> None:
+def flip_answers(args, m: dict, keys, run: Callable[[frozenset], dict],
+                 measure: Callable[[dict], float] = lambda r: r["f1"]) -> None:
     """Run a system again with k of its run's answers flipped (run(keys to flip) -> its metrics), for each k
     of --flips, --flip-trials times, the k drawn from `keys` (the questions it asked) at random, seeded by
-    the seed, k and the trial; m gets the F1s by k and those runs' LLM questions. A teacher on another
+    the seed, k and the trial; m gets the F1s (or `measure` of the metrics) by k and those runs' LLM
+    questions. A teacher on another
     machine flips a few answers: the spread says how much F1 hangs on them."""
     keys, runs = sorted(keys), []
     m["flips"] = {}
@@ -417,7 +419,7 @@ def flip_answers(args, m: dict, keys, run: Callable[[frozenset], dict]) -> None:
         for trial in range(args.flip_trials):
             flip = np.random.default_rng([args.seed, k, trial]).choice(len(keys), size=k, replace=False)
             runs.append(run(frozenset(keys[i] for i in flip)))
-            m["flips"].setdefault(str(k), []).append(runs[-1]["f1"])
+            m["flips"].setdefault(str(k), []).append(measure(runs[-1]))
     count_calls(m, runs, "flips")
 
 

@@ -28,6 +28,7 @@ zero-label detectors that use the target's own event frequencies, re-implemented
                if the score is > 10. A fixed rule: nothing is tuned on labels.
 F1 (or the share) is the first seed's, beside its range over --seeds for the seed-dependent systems; beside
 fusionlog's, fusionlog (first seed) fitted and scored on all of the target (--no-transductive: not run).
+fusionlog also runs again with k = --flips answers flipped (bench.py's harness).
 `--llm-url fake` serves the test suite's keyword-rule fake LLM (the CI dry run); answers are cached (--cache).
 """
 from __future__ import annotations
@@ -216,15 +217,17 @@ def value(v: Variant, m: dict) -> float:
     return m["f1"]
 
 
-def run_system(system: str, args, cache, sources, fit, test, tag: str, seed: int) -> dict:
-    """One system on one variant with one seed (bench.py's runners, and the two frequency peers)."""
+def run_system(system: str, args, cache, sources, fit, test, tag: str, seed: int, client=None) -> dict:
+    """One system on one variant with one seed (bench.py's runners, and the two frequency peers); `client`
+    (fusionlog only, default the system's) answers."""
     if system in ("new_event", "rarity"):
         return run_frequency_peer(system, fit, test)
     if system in ("isolation_forest", "pca"):
         return bench.run_peer(system, fit, test, seed)
     if system == "llm_only":
         return bench.run_llm_only(args, cache, [bench.labeled(s) for s in sources], test, tag)
-    return bench.run_fusionlog(system, args, cache, sources, fit, test, f"{tag} seed {seed}", seed=seed)
+    return bench.run_fusionlog(system, args, cache, sources, fit, test, f"{tag} seed {seed}", seed=seed,
+                               client=client)
 
 
 def run_variant(v: Variant, args, cache, data: Data) -> dict:
@@ -240,17 +243,25 @@ def run_variant(v: Variant, args, cache, data: Data) -> dict:
         f"({res['test_anomalous']:,} anomalous); sources {', '.join(v.sources)}")
     for system in [s for s in args.systems if args.llm_url != "none" or s not in LLM_SYSTEMS]:
         seeds = args.seeds if system in SEEDED else args.seeds[:1]
-        runs = [run_system(system, args, cache, sources, fit, test, v.name, seed) for seed in seeds]
+        flips = system == "fusionlog" and args.flips
+        recorder = bench.FlipClient(bench.make_client(args, cache)) if flips else None
+        runs = [run_system(system, args, cache, sources, fit, test, v.name, seed,
+                           client=recorder if seed == args.seed else None) for seed in seeds]
         m = dict(runs[0], value=round(value(v, runs[0]), 4),
                  value_by_seed={str(s): round(value(v, r), 4) for s, r in zip(seeds, runs)})
         if "llm_calls" in m and len(runs) > 1:
             m["llm_calls_other_seeds"] = sum(r.get("llm_calls", 0) for r in runs[1:])
+        if recorder is not None:  # again with k of its answers flipped, as bench.py does
+            bench.flip_answers(args, m, recorder.asked, lambda flip: run_system(
+                system, args, cache, sources, fit, test, f"{v.name} flipped", args.seed,
+                client=bench.FlipClient(bench.make_client(args, cache), flip)), lambda r: value(v, r))
         res["systems"][system] = m
         say(f"{v.name}: {system}: {v.measure} {m['value']:.3f} (seeds {', '.join(m['value_by_seed'])}: "
             f"{cell(v.measure, m)}; {sum(r['seconds'] for r in runs):.1f}s)")
     if "fusionlog" in res["systems"] and args.transductive:  # fit and score on all of the target, seed 0
         m = run_system("fusionlog", args, cache, sources, target, target, f"{v.name} transductive", args.seed)
-        res["transductive"] = dict(m, value=round(value(v, m), 4), value_by_seed={str(args.seed): value(v, m)})
+        x = round(value(v, m), 4)
+        res["transductive"] = dict(m, value=x, value_by_seed={str(args.seed): x})
         say(f"{v.name}: fusionlog transductive: {v.measure} {res['transductive']['value']:.3f}")
     return res
 
@@ -270,6 +281,15 @@ def cell(measure: str, m: dict | None) -> str:
     vals = m["value_by_seed"].values()
     lo, hi = show(measure, min(vals)), show(measure, max(vals))
     return show(measure, m["value"]) + ("" if lo == hi else f" ({lo}–{hi})")
+
+
+def flipped(measure: str, m: dict | None) -> str:
+    """The range of fusionlog's measure over its runs with answers flipped, '-' when there were none."""
+    vals = [x for xs in (m or {}).get("flips", {}).values() for x in xs]
+    if not vals:
+        return "-"
+    lo, hi = show(measure, min(vals)), show(measure, max(vals))
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def verdict(r: dict) -> str:
@@ -293,11 +313,13 @@ def describe(r: dict) -> str:
 
 
 def group_table(group: str, rows: list[dict]) -> list[str]:
-    lines = [f"## {GROUPS[group]}", "", "| variant | fusionlog | fusionlog transductive | "
-             + " | ".join(SYSTEMS[1:]) + " | goal |", "|---" * (len(SYSTEMS) + 3) + "|"]
+    lines = [f"## {GROUPS[group]}", "", "| variant | fusionlog | fusionlog, k = 1..3 answers flipped | "
+             "fusionlog transductive | " + " | ".join(SYSTEMS[1:]) + " | goal |",
+             "|---" * (len(SYSTEMS) + 4) + "|"]
     for r in rows:
         cells = [cell(r["measure"], r["systems"].get(s)) for s in SYSTEMS]
-        cells[0:1] = [f"**{cells[0]}**", cell(r["measure"], r.get("transductive"))]
+        cells[0:1] = [f"**{cells[0]}**", flipped(r["measure"], r["systems"].get("fusionlog")),
+                      cell(r["measure"], r.get("transductive"))]
         lines.append(f"| {describe(r)} | " + " | ".join(cells) + f" | {verdict(r)} |")
     return lines + [""]
 
@@ -312,8 +334,8 @@ def cost_table(rows: list[dict]) -> list[str]:
         asked = f and f["llm_calls"] + f["llm_cached"]
         half = "-" if not f else "yes" if 2 * asked <= f["distinct_proprietary_sets"] else "**no**"
         tr = r.get("transductive")
-        trans = (f"{tr['llm_calls'] + tr['llm_cached']} ({tr['llm_calls']}) of {tr['distinct_proprietary_sets']}"
-                 if tr else "-")
+        trans = (f"{tr['llm_calls'] + tr['llm_cached']} ({tr['llm_calls']}) of "
+                 f"{tr['distinct_proprietary_sets']}" if tr else "-")
         lines.append(f"| {r['variant']} | {bench.fmt(f and f['general'])} | "
                      + (f"{asked} ({f['llm_calls']})" if f else "-")
                      + f" | {bench.fmt(f and f['distinct_proprietary_sets'])} | {half} | {trans} | "
@@ -339,7 +361,9 @@ def render_md(results: dict) -> str:
              f"{', '.join(SEEDED)} when they differ. The goal column judges fusionlog on every seed (issue "
              "13); the best peer is the best of every other column. *fusionlog transductive* is fusionlog "
              "(first seed) fitted and scored on all of the target's sessions, as a user labels a log they "
-             "have; it is not a peer and no goal judges it.", ""]
+             "have; it is not a peer and no goal judges it. *k = 1..3 answers flipped* is fusionlog's range "
+             "(first seed) over its runs again with k random answers of its run's LLM flipped, "
+             f"{results.get('flip_trials', '-')} trials per k, as in bench.py.", ""]
     rows = list(results["variants"].values())
     for group in GROUPS:
         part = [r for r in rows if r["group"] == group]
@@ -370,6 +394,11 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="the first is reported; the range is over all")
     p.add_argument("--out", default=str(HERE / "robust.json"))
     p.add_argument("--md", default=str(HERE / "ROBUST.md"))
+    p.add_argument("--flips", default="1,2,3", metavar="KS",
+                   help="comma-separated k: fusionlog (first seed) runs again with k of its answers flipped, "
+                        "--flip-trials times per k ('' = none)")
+    p.add_argument("--flip-trials", type=int, default=None, metavar="N",
+                   help="runs per k of --flips (default 5; 1 with --llm-url fake)")
     p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit and score fusionlog (first seed) on all of each target")
     args = p.parse_args(argv)
@@ -393,6 +422,10 @@ def check_args(p, args):
     except ValueError:
         p.error(f"--seeds: not a comma-separated list of integers: {args.seeds!r}")
     args.seed, fake = args.seeds[0], args.llm_url == "fake"
+    args.flips = bench.int_list(p, "--flips", args.flips)
+    args.flip_trials = args.flip_trials or (1 if fake else 5)
+    if any(k < 1 for k in args.flips) or args.flip_trials < 1:
+        p.error("--flips and --flip-trials: counts of at least 1")
     args.llm_model = args.llm_model or (bench.FAKE_MODEL if fake else "local")
     args.cache = args.cache or str(HERE / ".cache" / ("fake-answers.jsonl" if fake else "answers.jsonl"))
     return args
@@ -429,7 +462,7 @@ def main(argv=None) -> int:
 def write_outputs(args, command: str, llm: dict, done: dict, started: float) -> str:
     results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
                "machine": bench.machine(), "llm": llm, "library": bench.library_version(),
-               "seeds": args.seeds,
+               "seeds": args.seeds, "flip_trials": args.flip_trials if args.flips else None,
                "wall_seconds": round(time.perf_counter() - started, 1), "variants": done}
     for path in (args.out, args.md):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
