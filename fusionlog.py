@@ -1529,8 +1529,9 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
         response_format=dict(default="json_object_schema", choices=list(distill.RESPONSE_FORMATS),
                              help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: free text"),
         logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
-                      help="confidence from the label token's log-probability, far better than a stated one "
-                           "(0.9 on every answer); off: llama-cpp-python is then ~3x slower"),
+                      help="the LLM's confidence from its label token's log-probability, not the one it "
+                           "states (0.9 on every answer); off by default: llama-cpp-python answers ~3x slower "
+                           "with it, and it did not raise F1 on the shared logs (README, Departures)"),
         llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
         llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, "
                          "HTTP 429/5xx); then the question is left to the small model"),
