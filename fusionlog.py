@@ -1530,8 +1530,8 @@ def add_llm_flags(p, skip: tuple[str, ...] = (), **changes: dict) -> None:
                              help="llama.cpp: json_object_schema; OpenAI/vLLM: json_schema; none: free text"),
         logprobs=dict(action=argparse.BooleanOptionalAction, default=False,
                       help="the LLM's confidence from its label token's log-probability, not the one it "
-                           "states (0.9 on every answer); off by default: llama-cpp-python answers ~3x slower "
-                           "with it, and it did not raise F1 on the shared logs (README, Departures)"),
+                           "states (0.9 on every answer); off by default: llama-cpp-python answers ~3x "
+                           "slower with it, and it did not raise F1 on the shared logs (README, Departures)"),
         llm_timeout=dict(type=float, default=120.0, help="seconds to wait for one answer"),
         llm_retries=dict(type=int, default=3, help="retries of a failed request (timeout, connection, "
                          "HTTP 429/5xx); then the question is left to the small model"),
