@@ -411,8 +411,7 @@ def flip_answers(args, m: dict, keys, run: Callable[[frozenset], dict],
     """Run a system again with k of its run's answers flipped (run(keys to flip) -> its metrics), for each k
     of --flips, --flip-trials times, the k drawn from `keys` (the questions it asked) at random, seeded by
     the seed, k and the trial; m gets the F1s (or `measure` of the metrics) by k and those runs' LLM
-    questions. A teacher on another
-    machine flips a few answers: the spread says how much F1 hangs on them."""
+    questions. A teacher on another machine flips a few answers: the spread says how much F1 hangs on them."""
     keys, runs = sorted(keys), []
     m["flips"] = {}
     for k in (k for k in args.flips if k <= len(keys)):
@@ -423,12 +422,12 @@ def flip_answers(args, m: dict, keys, run: Callable[[frozenset], dict],
     count_calls(m, runs, "flips")
 
 
-def f1_range(f1s: list[float]) -> str:
-    """'min-max' of F1s ('0.914' when they agree), '-' when there are none."""
+def f1_range(f1s: list[float], show: Callable[[float], str] = "{:.3f}".format) -> str:
+    """'min-max' of F1s (or other values, as `show` prints them; '0.914' when they agree), '-' if none."""
     if not f1s:
         return "-"
-    lo, hi = min(f1s), max(f1s)
-    return f"{lo:.3f}" if round(lo, 3) == round(hi, 3) else f"{lo:.3f}–{hi:.3f}"
+    lo, hi = show(min(f1s)), show(max(f1s))
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def spread(m: dict | None) -> str:
@@ -436,9 +435,9 @@ def spread(m: dict | None) -> str:
     return f1_range(list((m or {}).get("f1_by_seed", {}).values()))
 
 
-def flipped(m: dict | None) -> str:
-    """The range of a system's F1 over every run with answers flipped, '-' when it had none."""
-    return f1_range([f for f1s in (m or {}).get("flips", {}).values() for f in f1s])
+def flipped(m: dict | None, show: Callable[[float], str] = "{:.3f}".format) -> str:
+    """The range of a system's F1 (or measure) over every run with answers flipped, '-' when it had none."""
+    return f1_range([f for f1s in (m or {}).get("flips", {}).values() for f in f1s], show)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -643,11 +642,16 @@ def batch_table(m: dict, n: int) -> list[str]:
 
 def flips_header(results: dict) -> str:
     """The flip columns' header, 'F1 with k = 1..3 answers flipped' ('' when the run flipped no answer)."""
-    ks = sorted({int(k) for r in results["targets"].values() for p in ("systems", "transductive")
-                 for k in r.get(p, {}).get("fusionlog", {}).get("flips", {})})
+    ks = flip_ks(r.get(p, {}).get("fusionlog") for r in results["targets"].values()
+                 for p in ("systems", "transductive"))
+    return f"F1 with k = {ks} answers flipped" if ks else ""
+
+
+def flip_ks(ms) -> str:
+    """The k's the runs `ms` (metrics dicts or None) flipped answers for: '1..3', '1,3', or ''."""
+    ks = sorted({int(k) for m in ms for k in (m or {}).get("flips", {})})
     contiguous = len(ks) > 1 and ks == list(range(ks[0], ks[-1] + 1))
-    return f"F1 with k = {f'{ks[0]}..{ks[-1]}' if contiguous else ','.join(map(str, ks))} answers flipped" \
-        if ks else ""
+    return f"{ks[0]}..{ks[-1]}" if contiguous else ",".join(map(str, ks))
 
 
 def table_columns(seeds: str, flips: str) -> list[tuple[str, Callable]]:

@@ -283,15 +283,6 @@ def cell(measure: str, m: dict | None) -> str:
     return show(measure, m["value"]) + ("" if lo == hi else f" ({lo}–{hi})")
 
 
-def flipped(measure: str, m: dict | None) -> str:
-    """The range of fusionlog's measure over its runs with answers flipped, '-' when there were none."""
-    vals = [x for xs in (m or {}).get("flips", {}).values() for x in xs]
-    if not vals:
-        return "-"
-    lo, hi = show(measure, min(vals)), show(measure, max(vals))
-    return lo if lo == hi else f"{lo}–{hi}"
-
-
 def verdict(r: dict) -> str:
     """The goal and whether fusionlog (seed 0, and every seed) met it."""
     goal = GOALS["lines" if r["keep"] == "lines" else r["measure"] if r["measure"] != "f1" else "peer"]
@@ -313,12 +304,14 @@ def describe(r: dict) -> str:
 
 
 def group_table(group: str, rows: list[dict]) -> list[str]:
-    lines = [f"## {GROUPS[group]}", "", "| variant | fusionlog | fusionlog, k = 1..3 answers flipped | "
+    ks = bench.flip_ks(r["systems"].get("fusionlog") for r in rows) or "-"
+    lines = [f"## {GROUPS[group]}", "", f"| variant | fusionlog | fusionlog, k = {ks} answers flipped | "
              "fusionlog transductive | " + " | ".join(SYSTEMS[1:]) + " | goal |",
              "|---" * (len(SYSTEMS) + 4) + "|"]
     for r in rows:
         cells = [cell(r["measure"], r["systems"].get(s)) for s in SYSTEMS]
-        cells[0:1] = [f"**{cells[0]}**", flipped(r["measure"], r["systems"].get("fusionlog")),
+        cells[0:1] = [f"**{cells[0]}**", bench.flipped(r["systems"].get("fusionlog"),
+                                                      lambda x, v=r["measure"]: show(v, x)),
                       cell(r["measure"], r.get("transductive"))]
         lines.append(f"| {describe(r)} | " + " | ".join(cells) + f" | {verdict(r)} |")
     return lines + [""]
@@ -361,7 +354,9 @@ def render_md(results: dict) -> str:
              f"{', '.join(SEEDED)} when they differ. The goal column judges fusionlog on every seed (issue "
              "13); the best peer is the best of every other column. *fusionlog transductive* is fusionlog "
              "(first seed) fitted and scored on all of the target's sessions, as a user labels a log they "
-             "have; it is not a peer and no goal judges it. *k = 1..3 answers flipped* is fusionlog's range "
+             "have; it is not a peer and no goal judges it. *k = "
+             f"{bench.flip_ks(r['systems'].get('fusionlog') for r in results['variants'].values()) or '-'} "
+             "answers flipped* is fusionlog's range "
              "(first seed) over its runs again with k random answers of its run's LLM flipped, "
              f"{results.get('flip_trials', '-')} trials per k, as in bench.py.", ""]
     rows = list(results["variants"].values())
