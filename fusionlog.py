@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -1330,6 +1331,9 @@ def _ensure_venv(t: Teacher, say: Callable) -> None:
     say(f"teacher: installing {LLAMA_CPP} into {venv} (the first time compiles llama.cpp: {BUILD_TIME})")
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL",
                                                                         str(os.cpu_count() or 2))}
+    if platform.machine().lower() in ("x86_64", "amd64"):  # its AMX code crashes (llama.cpp issue 20824)
+        for var in ("CFLAGS", "CXXFLAGS"):
+            env[var] = f"{env.get(var, '')} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16".strip()
     _call([t.python, "-m", "pip", "install", LLAMA_CPP], say,
           f"pip install {LLAMA_CPP} (it needs a C/C++ compiler: apt-get install build-essential)", env)
     if not _venv_ready(t):
@@ -1413,10 +1417,26 @@ def _wait_ready(t: Teacher, pid: int, say: Callable) -> None:
             tail = t.log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines() or [""]
             raise ValueError(f"the local teacher did not start (port {t.port} busy?); {t.log}: {tail[-1]}")
         if _answers(t):
+            _first_chat(t, pid)
             return say(f"teacher: ready after {time.monotonic() - start:.0f} s (pid {pid})")
         time.sleep(0.2)
     raise ValueError(f"{t.url}: no answer after {limit:g} s (still running as pid {pid}; see {t.log}; "
                      f"'fusionlog llm stop' ends it)")
+
+
+def _first_chat(t: Teacher, pid: int) -> None:
+    """One 1-token chat request: a server that loads the model but crashes when it computes fails here."""
+    ping = json.dumps({"model": "local", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
+    request = urllib.request.Request(f"{t.url}/chat/completions", ping.encode(),
+                                     {"Content-Type": "application/json"})
+    with contextlib.suppress(OSError):  # any HTTP answer will do: the server is alive
+        urllib.request.urlopen(request, timeout=120).close()
+    time.sleep(0.2)
+    if not _exists(pid):
+        t.pid_file.unlink(missing_ok=True)
+        raise ValueError(f"the local teacher loaded the model but ended on its first request (see {t.log}); "
+                         f"a build from before this check may need rebuilding: pip cache remove "
+                         f"llama_cpp_python; rm -r {Path(t.python).parent.parent}")
 
 
 def teacher_start(t: Teacher, say: Callable) -> str:
