@@ -1203,10 +1203,13 @@ def test_distill_does_not_fine_tune_on_one_class(fake_llm, tmp_path, monkeypatch
 def test_distill_survives_a_dead_server(tmp_path):
     X, group, questions, qv, pool, replay = problem()
     client = ChatClient(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, sleep=lambda s: None)
+    said = []
     res = distill.distill({"w": np.zeros(X.shape[1]), "b": 0.0}, X, group, questions, qv, pool, replay,
                           client, DistillConfig(rounds=3, budget_share=1.0), predict_proba=lr_predict,
-                          fine_tune=lr_fine_tune)
+                          fine_tune=lr_fine_tune, progress=said.append)
     assert res.answers == {} and res.rounds[0]["failed"] == len(GROUPS)
+    assert f"distill round 1: {len(GROUPS)} of {len(GROUPS)} questions failed, left to the small model: LLM " \
+           "request to" in "\n".join(said) and "(last: connection)" in "\n".join(said)  # the user sees why
     assert client.faults["connection"] == 2 * len(GROUPS)  # then it stops asking
     assert all(r["pseudo_labeled"] == 0 and not r["fine_tuned"] for r in res.rounds) and len(res.rounds) == 2
 
@@ -2536,6 +2539,14 @@ elif args[:2] == ["-m", "llama_cpp.server"]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        def do_POST(self):  # a chat request: one word, or a crash where the build is bad
+            if (me.parent.parent / "crashes").exists():
+                os._exit(139)
+            body = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         def log_message(self, *a):
             pass
     HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), Handler).serve_forever()
@@ -2576,6 +2587,14 @@ def test_llm_start_builds_verifies_serves_then_reuses_status_and_stop(fake_teach
     assert fl.main(["llm", "status", *flags]) == 0 and "status: running (ready)" in capsys.readouterr().out
     assert fl.main(["llm", "stop", *flags]) == 0 and not t.pid_file.exists()
     assert fl.main(["llm", "status", *flags]) == 3 and "not running" in capsys.readouterr().out
+
+
+def test_llm_start_fails_in_one_line_when_the_server_ends_on_its_first_chat_request(fake_teacher, capsys):
+    flags = ["-q", "llm", "start", "--port", str(fake_teacher.port), "--cache-dir", str(fake_teacher.cache)]
+    assert fl.main(flags) == 0 and fl.main(["-q", "llm", "stop", *flags[3:]]) == 0  # builds, serves, stops
+    (fake_teacher.cache / "llm-venv" / "crashes").touch()  # a build that loads the model, then crashes
+    assert fl.main(flags) == 2 and not fake_teacher.pid_file.exists()
+    assert "ended on its first request" in one_error_line(capsys)
 
 
 def test_llm_start_refuses_a_port_another_program_holds(fake_teacher, capsys):
@@ -2845,6 +2864,22 @@ def test_bench_oracle_client_answers_each_template_set_with_its_true_majority():
     with pytest.raises(BadAnswer):  # no labeled session in the set: left to the small model, counted
         ask(6)
     assert oracle.faults == {"oracle_unknown_question": 1} and oracle.ambiguous == 0
+
+
+def test_bench_writes_no_figure_when_an_llm_question_failed(tmp_path, monkeypatch, capsys):
+    bench = load_bench()
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
+    db = fl.read_system(p["db"], DB_SPEC, "db")
+    target = fl.attach_labels(fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS"), fl.read_labels(p["hdfs_labels"]))
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # a server that died after the run's first check
+    monkeypatch.setattr(bench, "make_client", lambda args, cache: ChatClient(dead, max_retries=0))
+    args = bench.parse_args(["--llm-url", dead])
+    for run in (lambda: bench.run_fusionlog("fusionlog", args, None, [web, db], target, target, "t"),
+                lambda: bench.run_llm_only(args, None, [web, db], target, "t")):
+        with pytest.raises(SystemExit) as e:
+            run()
+        assert "LLM questions failed (faults: {'connection': " in str(e.value) and "no figure" in str(e.value)
 
 
 def test_bench_oracle_teacher_runs_fusionlog_without_an_llm_and_is_shown_as_a_diagnostic(tmp_path):
