@@ -227,18 +227,18 @@ def distill(params: dict, X, group, questions: list, question_vecs, pool: Exampl
 
 def ask(client: ChatClient, want: list[int], messages: list, answers: dict, asked_with: dict, budget: int,
         concurrency: int, say) -> tuple[dict, int]:
-    """Ask each wanted group its prompt, unless it answered that one already, within the budget; keep answers
-    and prompt keys by group. Cached answers count against the budget, so a resumed run asks what an unbroken
-    one would. ({asked, cached, failed, faults}, budget left; 0 when every new request failed)."""
+    """Ask each wanted group its prompt, unless it answered that one, within the budget (cached answers count,
+    so a resumed run asks what an unbroken one would); ({asked, cached, failed, faults}, budget left)."""
     jobs = [(g, m) for g, m in zip(want, messages) if asked_with.get(g) != client.key(m)][:max(budget, 0)]
     n_cached, faults = sum(client.cached(m) is not None for _, m in jobs), sum(client.faults.values())
     say(f"asking the LLM about {len(jobs)} template-sets ({n_cached} cached), "
         f"{budget - len(jobs)} questions left")
     results = ask_all(client, jobs, concurrency, say)
-    answered = [(g, m) for g, m in jobs if isinstance(results[g], Answer)]
-    answers.update((g, results[g]) for g, _ in answered)
-    asked_with.update((g, client.key(m)) for g, m in answered)
-    failed, faults = len(jobs) - len(answered), sum(client.faults.values()) - faults
+    for g, m in ((g, m) for g, m in jobs if isinstance(results[g], Answer)):
+        answers[g], asked_with[g] = results[g], client.key(m)
+    if errors := [results[g] for g, _ in jobs if not isinstance(results[g], Answer)]:
+        say(f"{len(errors)} of {len(jobs)} questions failed, left to the small model: {errors[0]}")
+    failed, faults = len(errors), sum(client.faults.values()) - faults
     budget = 0 if len(jobs) > n_cached and failed == len(jobs) else budget - len(jobs)  # all failed: down
     return dict(asked=len(jobs), cached=n_cached, failed=failed, faults=faults), budget
 
