@@ -256,6 +256,7 @@ def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: 
     t = time.perf_counter()
     report = model.fit(sources, fit)
     t_fit = time.perf_counter() - t
+    all_answered(f"{tag} {system}", sum(r.get("failed", 0) for r in report["rounds"]), report["llm_faults"])
     t = time.perf_counter()
     pred = model.predict(test)
     t_pred = time.perf_counter() - t
@@ -275,6 +276,13 @@ def run_fusionlog(system: str, args, cache, sources, fit, test, tag: str, seed: 
         out.update(llm_calls=0, llm_cached=0, oracle_answers=client.answered,
                    oracle_ambiguous_texts=client.ambiguous)
     return out
+
+
+def all_answered(what: str, failed: int, faults: dict) -> None:
+    """A figure needs every answer: a failed LLM question ends the run (those answered stay cached)."""
+    if failed:
+        sys.exit(f"bench: error: {what}: {failed} LLM questions failed (faults: {faults}); no figure is "
+                 "written without them: mend the server and rerun (the answers so far are cached)")
 
 
 def source_pool(sources: list[fl.Sessions], embedder: router.TfidfEmbedder) -> distill.ExamplePool:
@@ -302,6 +310,7 @@ def run_llm_only(args, cache, sources, test, tag: str) -> dict:
                               lambda msg: say(f"{tag} llm_only: {msg}"))
     answers = [results[i] for i in range(len(prompts))]
     failed = sum(not isinstance(a, distill.Answer) for a in answers)
+    all_answered(f"{tag} llm_only", failed, dict(client.faults))
     set_label = np.array([a.label if isinstance(a, distill.Answer) else 0 for a in answers], dtype=np.int8)
     out = metrics(test.labels, set_label[group])
     out.update(seconds=round(time.perf_counter() - t, 3), llm_calls=len(prompts) - n_cached - failed,
