@@ -3056,6 +3056,28 @@ def test_bench_flip_client_flips_exactly_the_given_keys_records_what_it_answered
     assert bench.flips_header({"targets": {"HDFS": r}}) == "F1 with k = 1..2 answers flipped"
 
 
+def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_flipped_range(tmp_path):
+    import copy
+    import importlib.util
+    load_robust()  # bench/cold.py imports it
+    spec = importlib.util.spec_from_file_location("cold", Path(__file__).resolve().parent / "bench" / "cold.py")
+    cold = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cold)
+    fusionlog = {"f1": 0.914, "llm_calls": 0, "flips": {"1": [0.102, 0.9]}, "f1_by_seed": {"0": 0.914, "1": 0.8}}
+    main = {"command": "bench", "date": "d", "library": "abc", "machine": {"cpu": "c"},
+            "targets": {"HDFS": {"systems": {"fusionlog": fusionlog, "llm_only": {"f1": 0.07}},
+                                 "transductive": {}}}}
+    variants = {"command": "robust", "date": "d", "library": "abc", "machine": {"cpu": "c"}, "variants": {
+        "healthy-BGL": {"measure": "flagged", "systems": {"fusionlog": {"value": 0.806, "flips": {"1": [0.5]}}}}}}
+    new, new_variants = copy.deepcopy(main), copy.deepcopy(variants)
+    new["targets"]["HDFS"]["systems"]["fusionlog"] = {"f1": 0.667, "llm_calls": 17}
+    new_variants["variants"]["healthy-BGL"]["systems"]["fusionlog"] = {"value": 0.5, "llm_calls": 9}
+    md = cold.render(main, new, variants, new_variants)
+    assert "| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** | 0.800–0.914 | - | 0.102–0.900 | 17 |" in md
+    assert "| HDFS, held out, llm_only | f1 | 0.070 | **0.070** | - | - | - | 0 |" in md
+    assert "| healthy-BGL | flagged | 80.6% | **50.0%** | - | - | 50.0% | 9 |" in md and "transductive" not in md
+
+
 # ---- beyond one machine: the Dask engine labels as one process does (issue 15) ---------------------
 
 
