@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -893,7 +894,7 @@ def main(argv=None) -> int:
             print("bench: error: the isolation_forest peer needs scikit-learn: pip install -e '.[bench]'",
                   file=sys.stderr)
             return 2
-    command = "python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "bench/bench.py", *(argv if argv is not None else sys.argv[1:])])
     fake_server = None
     if args.llm_url == "fake":
         try:

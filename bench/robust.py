@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -436,7 +437,7 @@ def start_fake(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python bench/robust.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "bench/robust.py", *(argv if argv is not None else sys.argv[1:])])
     started, fake = time.perf_counter(), start_fake(args) if args.llm_url == "fake" else None
     try:
         llm = bench.describe_llm(args, fake is not None)
