@@ -3073,9 +3073,9 @@ def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_f
     new["targets"]["HDFS"]["systems"]["fusionlog"] = {"f1": 0.667, "llm_calls": 17}
     new_variants["variants"]["healthy-BGL"]["systems"]["fusionlog"] = {"value": 0.5, "llm_calls": 9}
     md = cold.render(main, new, variants, new_variants)
-    assert "| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** | 0.800–0.914 | - | 0.102–0.900 | 17 |" in md
-    assert "| HDFS, held out, llm_only | f1 | 0.070 | **0.070** | - | - | - | 0 |" in md
-    assert "| healthy-BGL | flagged | 80.6% | **50.0%** | - | - | 50.0% | 9 |" in md and "transductive" not in md
+    assert "| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** | 0.800–0.914 | 0.102–0.900 | 17 |" in md
+    assert "| HDFS, held out, llm_only | f1 | 0.070 | **0.070** | - | - | 0 |" in md
+    assert "| healthy-BGL | flagged | 80.6% | **50.0%** | - | 50.0% | 9 |" in md and "transductive" not in md
 
 
 # ---- beyond one machine: the Dask engine labels as one process does (issue 15) ---------------------
