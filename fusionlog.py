@@ -1435,8 +1435,8 @@ def _first_chat(t: Teacher, pid: int) -> None:
     if not _exists(pid):
         t.pid_file.unlink(missing_ok=True)
         raise ValueError(f"the local teacher loaded the model but ended on its first request (see {t.log}); "
-                         f"a build from before this check may need rebuilding: pip cache remove "
-                         f"llama_cpp_python; rm -r {Path(t.python).parent.parent}")
+                         f"a build made with AMX on crashes so: pip cache remove llama_cpp_python; "
+                         f"rm -r {Path(t.python).parent.parent}; then start it again")
 
 
 def teacher_start(t: Teacher, say: Callable) -> str:
