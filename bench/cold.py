@@ -3,8 +3,8 @@ made with, and with an empty cache on another machine, where the same prompts ma
 
     python bench/cold.py        # bench/COLD.md and README's "bench/COLD.md" markers, from the four JSON files
 
-The cold JSON files come from the bench scripts run with an empty --cache and --out bench/cold/...json (the
-commands are in their headers, printed below). This script runs nothing: it reads and compares.
+The cold JSON files come from the bench scripts run with an empty --cache (each command is in its header,
+printed below), copied into bench/cold/. This script runs nothing: it reads and compares.
 """
 import argparse
 import json
@@ -58,7 +58,7 @@ def render(cached: dict, cold: dict, robust_cached: dict, robust_cold: dict) -> 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description="Each figure of the cached bench runs beside a cold run's.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cached", nargs=2, default=["bench/results.json", "bench/robust.json"])
     p.add_argument("--cold", nargs=2, default=["bench/cold/results.json", "bench/cold/robust.json"])
