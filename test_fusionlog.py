@@ -2866,7 +2866,7 @@ def test_bench_oracle_client_answers_each_template_set_with_its_true_majority():
     assert oracle.faults == {"oracle_unknown_question": 1} and oracle.ambiguous == 0
 
 
-def test_bench_writes_no_figure_when_an_llm_question_failed(tmp_path, monkeypatch, capsys):
+def test_bench_writes_no_figure_when_an_llm_question_failed(tmp_path, monkeypatch):
     bench = load_bench()
     p = synthetic_logs(tmp_path, np.random.default_rng(0))
     web = fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"]))
@@ -3056,7 +3056,7 @@ def test_bench_flip_client_flips_exactly_the_given_keys_records_what_it_answered
     assert bench.flips_header({"targets": {"HDFS": r}}) == "F1 with k = 1..2 answers flipped"
 
 
-def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_flipped_range(tmp_path):
+def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_flipped_range():
     import copy
     import importlib.util
     load_robust()  # bench/cold.py imports it
