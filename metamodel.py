@@ -3,9 +3,9 @@ Sec. 3.3): an MLP meta-learned by MAML with each labeled source system as one ta
 target's general logs directly; the proprietary branch (distill.py) later fine-tunes it with `fine_tune`.
 
 Departures (README): first-order MAML, not second-order; a few structural features (length, rarity, missing
-common steps), measured against the session's own system (the target's rarity Good-Turing smoothed),
-sit beside the paper's semantic vector; with a single source system the tasks are pseudo-domains made by
-clustering its templates.
+common steps), measured against the session's own system (the target's rarity Good-Turing smoothed, its
+windows missing no step), sit beside the paper's semantic vector; with a single source system the tasks are
+pseudo-domains made by clustering its templates.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class Reference:
     max_distinct: float         # ... and in distinct templates
     length_median: float        # median of log1p(#lines)
     length_scale: float         # its robust spread (MAD, else std, else 1)
+    windows: bool = False       # every session equally long: fixed windows, cut by count, not by operation
 
     @classmethod
     def measure(cls, templates: list[str], sequences: list[np.ndarray]) -> "Reference":
@@ -62,7 +63,8 @@ class Reference:
         if scale < 1e-9:                                                # most sessions equally long: std
             scale = float(ll.std()) if ll.std() > 1e-9 else 1.0
         return cls(list(templates), np.asarray(B.sum(axis=0)).ravel() / n, counts, n,
-                   float(max(len(s) for s in sequences)), float(np.diff(B.indptr).max()), med, scale)
+                   float(max(len(s) for s in sequences)), float(np.diff(B.indptr).max()), med, scale,
+                   len({len(s) for s in sequences}) == 1)
 
     def to_dict(self) -> dict:
         """JSON-able form (the model file keeps the target's reference)."""
@@ -107,7 +109,7 @@ def structural_features(templates: list[str], sequences: list[np.ndarray], ref: 
         set_count = np.where(set_count <= 1, max(sum(c == 1 for c in ref.set_counts.values()), 1), set_count)
     set_rarity = np.clip(-np.log(np.maximum(set_count, 1.0) / ref.n) / log_n, 0.0, 1.0)
     # missing_common: the share of the reference's common templates (in >= 50% of its sessions) it lacks
-    common = np.flatnonzero(ref.share >= 0.5)                       # reference ids
+    common = [] if smooth and ref.windows else np.flatnonzero(ref.share >= 0.5)   # target windows miss none
     held = np.isin(to_ref, common).astype(np.float64)               # (T,) this template is a common one
     missing = (len(common) - B @ held) / len(common) if len(common) else np.zeros(n)
     # length_z: robust z-score of log1p(#lines) vs the reference's median, clipped to +-3, -> [0, 1]

@@ -392,6 +392,22 @@ def test_smoothed_rarity_gives_unseen_and_once_held_templates_and_sets_the_good_
     np.testing.assert_array_equal(smooth[:, others], plain[:, others])
 
 
+def test_a_target_of_fixed_windows_misses_no_common_step():
+    # windows of 3 lines: "a" in every window is common; a window without it misses nothing, being cut by count
+    templates, col = ["a", "b", "c"], mm.STRUCTURAL_NAMES.index("missing_common")
+    windows = [np.array(s) for s in ([0, 1, 0], [0, 0, 2], [0, 0, 0], [0, 0, 0])]
+    ref = mm.Reference.from_dict(json.loads(json.dumps(mm.Reference.measure(templates, windows).to_dict())))
+    assert ref.windows
+    probe = [np.array([1, 2, 2])]                                     # lacks the common "a"
+    assert mm.structural_features(templates, probe, ref, smooth=True)[0, col] == 0.0   # the target's windows
+    assert mm.structural_features(templates, probe, ref)[0, col] == 1.0               # a source keeps it
+    sessions = windows[:3] + [np.array([0, 0])]                       # one session of another length: by id
+    ref = mm.Reference.measure(templates, sessions)
+    assert not ref.windows and mm.structural_features(templates, probe, ref, smooth=True)[0, col] == 1.0
+    old = {k: v for k, v in ref.to_dict().items() if k != "windows"}  # a model file saved before the field
+    assert not mm.Reference.from_dict(old).windows
+
+
 def test_the_target_is_described_smoothed_at_fit_and_at_predict(monkeypatch):
     calls, real, rng = [], mm.structural_features, np.random.default_rng(0)
 
