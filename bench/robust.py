@@ -26,6 +26,8 @@ zero-label detectors that use the target's own event frequencies, re-implemented
                the weight of a single occurrence for an event the fit half never saw; a session's score is
                the count-weighted sum of its events' weights over its number of distinct events; anomalous
                if the score is > 10. A fixed rule: nothing is tuned on labels.
+and, as a diagnostic ceiling that reads the target's labels and is never a peer, bench.py's oracle_teacher
+(fusionlog with a perfect teacher: what the rest of the pipeline makes of right answers).
 F1 (or the share) is the first seed's, beside its range over --seeds for the seed-dependent systems; beside
 fusionlog's, fusionlog (first seed) fitted and scored on all of the target (--no-transductive: not run).
 fusionlog also runs again with k = --flips answers flipped (bench.py's harness).
@@ -62,7 +64,8 @@ def _load_bench():
 bench = _load_bench()
 fl, distill, say = bench.fl, bench.distill, bench.say
 
-SYSTEMS = ("fusionlog", "sm_only", "llm_only", "isolation_forest", "pca", "new_event", "rarity")
+SYSTEMS = ("fusionlog", "sm_only", "llm_only", "isolation_forest", "pca", "new_event", "rarity",
+           "oracle_teacher")  # the last reads target labels: a diagnostic ceiling (bench.DIAGNOSTIC_SYSTEMS)
 SEEDED = ("fusionlog", "sm_only", "isolation_forest")  # the others do not depend on the seed
 LLM_SYSTEMS = ("fusionlog", "llm_only")  # skipped with --llm-url none
 GROUPS = {"healthy": "Healthy targets: only normal sessions (share flagged)",
@@ -290,7 +293,8 @@ def verdict(r: dict) -> str:
     m = r["systems"].get("fusionlog")
     if m is None:
         return goal[0]
-    peers = [p["value"] for s, p in r["systems"].items() if s != "fusionlog"]
+    peers = [p["value"] for s, p in r["systems"].items()
+             if s != "fusionlog" and s not in bench.DIAGNOSTIC_SYSTEMS]
     best = max(peers, default=0.0)
     met = [goal[1](x, best) for x in m["value_by_seed"].values()]
     return f"{goal[0]}: " + ("met" if all(met) else "**missed**" if not any(met) else "met on some seeds")
@@ -353,7 +357,8 @@ def render_md(results: dict) -> str:
              "absent and F1 undefined: the share flagged, the share caught). Each cell is the first seed's, "
              f"with the range over seeds {', '.join(map(str, results['seeds']))} beside it for "
              f"{', '.join(SEEDED)} when they differ. The goal column judges fusionlog on every seed (issue "
-             "13); the best peer is the best of every other column. *fusionlog transductive* is fusionlog "
+             "13); the best peer is the best of every other column but `oracle_teacher` (a ceiling: FusionLog "
+             "with a perfect teacher, which reads the target's labels). *fusionlog transductive* is fusionlog "
              "(first seed) fitted and scored on all of the target's sessions, as a user labels a log they "
              "have; it is not a peer and no goal judges it. *k = "
              f"{bench.flip_ks(r['systems'].get('fusionlog') for r in results['variants'].values()) or '-'} "
