@@ -1,5 +1,6 @@
 """Cached answers against a cold run: the same code's figures with the answer cache the README's tables were
-made with, and with an empty cache on another machine, where the same prompts may be answered otherwise.
+made with, and with an empty cache (another machine, or the same one asking in another order), where the
+same prompts may be answered otherwise.
 
     python bench/cold.py        # bench/COLD.md and README's "bench/COLD.md" markers, from the four JSON files
 
