@@ -2462,10 +2462,12 @@ def test_sigkill_mid_distillation_then_rerun_asks_nothing_twice_and_equals_an_un
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     killed.mkdir()
     whole.mkdir()
-    fake = FakeLLM().start()
+    # the killed run talks to one server, the rerun to another: a request the killed process left in the
+    # first server's backlog can reach it after the kill, and must not be counted as the rerun's
+    fake, fresh = FakeLLM().start(), FakeLLM().start()
     try:
-        argv = llm_run_args(p, target, killed, fake.url, ["--llm-key", SECRET])
         fake.always = {"delay": 0.1}  # slow answers, so the kill lands mid-distillation
+        argv = llm_run_args(p, target, killed, fake.url, ["--llm-key", SECRET])
         proc = subprocess.Popen([sys.executable, str(Path(fl.__file__).resolve()), *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cache = killed / "cache.jsonl"
@@ -2486,18 +2488,17 @@ def test_sigkill_mid_distillation_then_rerun_asks_nothing_twice_and_equals_an_un
         with open(cache, "ab") as f:  # make sure a cut line is there: the rerun must skip it
             f.write(b'{"key": "cut by the kill", "label": 1, "confid')
 
-        fake.always = None
-        first = len(fake.bodies)
-        assert fl.main(argv) == 0  # the same command, the same cache folder
-        resumed = request_keys(fake, first)
+        assert fl.main(llm_run_args(p, target, killed, fresh.url, ["--llm-key", SECRET])) == 0  # same cache
+        resumed = request_keys(fresh)
         assert not set(resumed) & answered  # not one prompt answered before the kill was sent again
         assert distill.AnswerCache(cache).skipped == 1
 
-        first = len(fake.bodies)
-        assert fl.main(llm_run_args(p, target, whole, fake.url, ["--llm-key", SECRET])) == 0
-        uninterrupted = request_keys(fake, first)
+        first = len(fresh.bodies)
+        assert fl.main(llm_run_args(p, target, whole, fresh.url, ["--llm-key", SECRET])) == 0
+        uninterrupted = request_keys(fresh, first)
     finally:
         fake.stop()
+        fresh.stop()
     assert sorted(resumed + list(answered)) == sorted(uninterrupted)  # the counter grew only by the rest
     assert (killed / "pred.csv").read_bytes() == (whole / "pred.csv").read_bytes()
     assert_no_secret(tmp_path, stdout, stderr, capsys.readouterr().out)
