@@ -3131,10 +3131,15 @@ def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_f
     new, new_variants = copy.deepcopy(main), copy.deepcopy(variants)
     new["targets"]["HDFS"]["systems"]["fusionlog"] = {"f1": 0.667, "llm_calls": 17}
     new_variants["variants"]["healthy-BGL"]["systems"]["fusionlog"] = {"value": 0.5, "llm_calls": 9}
-    md = cold.render(main, new, variants, new_variants)
-    assert "| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** | 0.800–0.914 | 0.102–0.900 | 17 |" in md
-    assert "| HDFS, held out, llm_only | f1 | 0.070 | **0.070** | - | - | 0 |" in md
-    assert "| healthy-BGL | flagged | 80.6% | **50.0%** | - | 50.0% | 9 |" in md and "transductive" not in md
+    other, other_variants = copy.deepcopy(new), copy.deepcopy(new_variants)  # a second cold run, another CPU
+    other["machine"]["cpu"] = "other"
+    other["targets"]["HDFS"]["systems"]["fusionlog"] = {"f1": 0.9, "llm_calls": 20}
+    del other["targets"]["HDFS"]["systems"]["llm_only"]  # a case one cold run lacks gets no row
+    md = cold.render(main, variants, [(new, new_variants), (other, other_variants)])
+    assert "| cold 1: c, empty cache (new questions) | cold 2: other, empty cache (new questions) |" in md
+    assert "| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** (17) | **0.900** (20) | 0.800–0.914 | 0.102–0.900 |" in md
+    assert "| healthy-BGL | flagged | 80.6% | **50.0%** (9) | **50.0%** (9) | - | 50.0% |" in md
+    assert "llm_only" not in md and "transductive" not in md
 
 
 # ---- beyond one machine: the Dask engine labels as one process does (issue 15) ---------------------
