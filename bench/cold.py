@@ -5,7 +5,8 @@ same prompts may be answered otherwise.
     python bench/cold.py        # bench/COLD.md and README's "bench/COLD.md" markers, from the JSON files
 
 The cold JSON files come from the bench scripts run with an empty --cache (each command is in its header,
-printed below), copied into bench/cold/ (a second machine's, of another CPU, into bench/cold/epyc/). This script runs nothing: it reads and compares.
+printed below), copied into bench/cold/ (a second machine's, of another CPU, into bench/cold/epyc/).
+This script runs nothing: it reads and compares.
 """
 import argparse
 import json
@@ -40,8 +41,9 @@ def figures(cached: dict, robust_cached: dict, cold: dict, robust_cold: dict):
         new, was = v["systems"].get("fusionlog"), robust_cached["variants"][name]["systems"].get("fusionlog")
         if new and was:
             show = lambda x, m=v["measure"]: robust.show(m, x)  # noqa: E731
-            out[(name, v["measure"])] = (show(was["value"]), show(new["value"]), seeds(was, "value_by_seed", show),
-                                         bench.flipped(was, show), new.get("llm_calls", 0))
+            out[(name, v["measure"])] = (show(was["value"]), show(new["value"]),
+                                         seeds(was, "value_by_seed", show), bench.flipped(was, show),
+                                         new.get("llm_calls", 0))
     return out
 
 
