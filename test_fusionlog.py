@@ -2650,7 +2650,7 @@ def test_llm_start_restarts_the_server_an_older_fusionlog_started(fake_teacher, 
             assert old.poll() is None and time.monotonic() < give_up
             time.sleep(0.05)
         assert fl.main(["llm", "start", *flags]) == 0
-        assert old.wait(timeout=60) is not None  # stopped
+        old.wait(timeout=60)  # it was stopped: TimeoutExpired if it still runs
     finally:
         old.kill()
     err = capsys.readouterr().err
