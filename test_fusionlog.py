@@ -3145,6 +3145,43 @@ def test_bench_cold_sets_each_cold_figure_beside_its_cached_one_and_the_cached_f
     assert "| healthy-BGL | flagged | 80.6% | **50.0%** (9) | **50.0%** (9) | - | 50.0% |" in md
     assert "llm_only" not in md and "transductive" not in md
 
+def test_bench_teacher_flips_flips_a_perfect_teacher_and_names_the_sets_it_flipped(tmp_path):
+    import importlib.util
+    load_robust()  # bench/teacher_flips.py imports it
+    spec = importlib.util.spec_from_file_location(
+        "teacher_flips", Path(__file__).resolve().parent / "bench" / "teacher_flips.py")
+    tf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tf)
+    p = synthetic_logs(tmp_path, np.random.default_rng(0))
+    systems = {"web": fl.attach_labels(fl.read_system(p["web"], WEB_SPEC, "web"), fl.read_labels(p["web_labels"])),
+               "db": fl.read_system(p["db"], DB_SPEC, "db"),
+               "HDFS": fl.attach_labels(fl.read_system(p["hdfs"], fl.PRESETS["HDFS"], "HDFS"),
+                                        fl.read_labels(p["hdfs_labels"]))}
+
+    class Data:  # robust.Data's shape, on the synthetic systems
+        def get(self, name, window=None):
+            return systems[name]
+
+    args = tf.parse_args(["--flips", "1,2", "--flip-trials", "1", "--targets", "HDFS"])
+    v = tf.robust.Variant("HDFS", "main", "HDFS", ("web", "db"))
+    row = tf.run_row(v, args, Data())
+    fit, test = tf.robust.halves(systems["HDFS"])
+    plain = tf.bench.run_fusionlog("oracle_teacher", args, None, [systems["web"], systems["db"]], fit, test, "t")
+    assert row["value"] == round(plain["f1"], 4) and row["asked"] == plain["oracle_answers"] == 1
+    assert row["flips"] == {"1": [row["flipped_mean"]]}  # k = 2 > the one question: skipped
+    assert row["runs"] == 1 and row["moved"] in (0, 1)
+    fit_group, _, _ = fl.group_by_template_set(fit)
+    (n, a), = row["worst_flipped_sets"]  # the asked set: its fit sessions and its anomalous ones
+    assert n in np.bincount(fit_group) and 0 <= a <= n
+    results = {"command": "c", "date": "d", "machine": {"cpu": "cpu"}, "library": "abc", "seed": 0,
+               "flips": [1, 2], "flip_trials": 1, "moved": 0.05, "wall_seconds": 6.0, "rows": {"HDFS": row}}
+    md = tf.render_md(results)
+    assert f"| HDFS (f1) | {len(test)} ({int((test.labels == 1).sum())}) | {row['value']:.3f} |" in md
+    assert f"| {row['moved']} of 1 | {n} ({a}) |" in md
+    with pytest.raises(SystemExit):
+        tf.parse_args(["--targets", "nowhere"])
+
+
 
 # ---- beyond one machine: the Dask engine labels as one process does (issue 15) ---------------------
 
